@@ -1,0 +1,62 @@
+"""The drafter protocol and the method registry."""
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..config import SamplingConfig
+from ..engine.tree import TokenTree
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees at each step."""
+
+    tokens: list[int]  # committed tokens, prompt included; the last one is the tree root
+    max_depth: int  # the deepest draft this step may propose (so output never passes max_new_tokens)
+    sampling: SamplingConfig
+    rng: torch.Generator | None
+
+
+class Drafter(ABC):
+    def begin(self, prompt: list[int]) -> None:
+        """Called once before each generation."""
+
+    @abstractmethod
+    def propose(self, ctx: DraftContext) -> TokenTree:
+        """A tree rooted at ctx.tokens[-1] with at most ctx.max_depth drafted nodes."""
+
+
+_REGISTRY: dict[str, Callable[..., Drafter]] = {}
+
+
+def register(name: str) -> Callable:
+    """Class decorator: make the drafter available as method `name`."""
+
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        cls.method_name = name
+        return cls
+
+    return wrap
+
+
+def methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_drafter(method: str, target: Any, **options: Any) -> Drafter:
+    """Build the drafter of `method` for a LoadedModel target; options are the method's own."""
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(methods())}")
+    cls = _REGISTRY[method]
+    params = inspect.signature(cls.__init__).parameters
+    known = [p for p in params if p not in ("self", "target")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known) or 'none'}")
+    return cls(target, **options)

@@ -1,0 +1,77 @@
+"""`draft-model`: an independent smaller model with the same tokenizer drafts k tokens
+autoregressively, keeping its own KV cache in step with the committed tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.sampling import probabilities, sample
+from ..engine.target import CachedLM
+from ..engine.tree import TokenTree
+from .base import DraftContext, Drafter, register
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """Refuse a draft whose token ids mean something else than the target's."""
+    t_tok, d_tok = getattr(target, "tokenizer", None), getattr(draft, "tokenizer", None)
+    t_size, d_size = target.model.config.vocab_size, draft.model.config.vocab_size
+    same = t_size == d_size and (t_tok is None or d_tok is None or t_tok.get_vocab() == d_tok.get_vocab())
+    if not same:
+        raise ValueError(
+            f"the draft model's vocabulary differs from the target's ({d_size} vs {t_size} entries or different "
+            "token ids); draft-model needs the same tokenizer. For a draft with another tokenizer use "
+            "cross-tokenizer drafting (method 'universal')."
+        )
+
+
+@register("draft-model")
+class DraftModel(Drafter):
+    def __init__(self, target, draft=None, k: int = 5):
+        if draft is None:
+            raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
+                             "(CLI: --draft NAME_OR_PATH)")
+        if k < 1:
+            raise ValueError(f"draft-model needs k >= 1, got {k}")
+        check_same_vocabulary(target, draft)
+        self.lm = CachedLM(draft.model)
+        self.k = int(k)
+        self.cached: list[int] = []  # the tokens whose keys/values the draft cache holds
+
+    def begin(self, prompt: list[int]) -> None:
+        self.lm.reset()
+        self.cached = []
+
+    def propose(self, ctx: DraftContext) -> TokenTree:
+        k = min(self.k, ctx.max_depth)
+        if k == 0:
+            return TokenTree.chain(ctx.tokens[-1])
+        logits = self._catch_up(ctx.tokens)
+        drafts, qs = [], []
+        for i in range(k):
+            if ctx.sampling.greedy:  # no distribution needed: greedy verification compares tokens
+                x = int(logits.argmax())
+            else:
+                q = probabilities(logits, ctx.sampling)
+                x = sample(q, ctx.rng)
+                qs.append(q)
+            drafts.append(x)
+            if i < k - 1:
+                logits = self.lm.extend([x])[-1]
+        self.cached = ctx.tokens + drafts[:-1]
+        draft_probs = torch.stack([qs[0], *qs]) if qs else None  # row 0 (the root) is unused
+        return TokenTree.chain(ctx.tokens[-1], drafts, draft_probs)
+
+    def _catch_up(self, tokens: list[int]) -> torch.Tensor:
+        """Drop cached drafts the target rejected, feed the tokens the draft has not seen."""
+        valid = _common_prefix(self.cached, tokens)
+        valid = min(valid, len(tokens) - 1)  # the last token must be fed to get its logits
+        self.lm.crop(valid)
+        return self.lm.extend(tokens[valid:])[-1]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,58 @@
+"""The one loop: draft -> target pass -> verify -> commit. Nothing method-specific lives here."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SamplingConfig
+from .stats import GenerationStats, PhaseTimer
+from .target import CachedLM
+
+
+@dataclass
+class LoopResult:
+    tokens: list[int]  # new tokens only
+    kinds: list[str]  # per new token: "accepted", "recovered", "bonus" or "target"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def speculative_decode(
+    target: CachedLM, drafter, rule, prompt: list[int], max_new_tokens: int,
+    sampling: SamplingConfig, rng: torch.Generator | None, stop_ids: set[int],
+) -> LoopResult:
+    from ..drafters.base import DraftContext
+
+    result = LoopResult([], [])
+    stats, timer = result.stats, PhaseTimer(result.stats, target.device)
+    start = time.perf_counter()
+    target.reset()
+    drafter.begin(prompt)
+    tokens = list(prompt)
+    with timer.phase("prefill"):
+        if len(tokens) > 1:
+            target.extend(tokens[:-1])  # the cache holds all but the last token: the next tree's root
+    while len(result.tokens) < max_new_tokens:
+        ctx = DraftContext(tokens, max_new_tokens - len(result.tokens) - 1, sampling, rng)
+        with timer.phase("draft"):
+            tree = drafter.propose(ctx)
+        if max(tree.depths) > ctx.max_depth:
+            raise RuntimeError(f"{type(drafter).__name__} drafted {max(tree.depths)} deep, over the step's limit {ctx.max_depth}")
+        with timer.phase("target"):
+            logits = target.forward_tree(tree)  # [n_nodes, vocab]
+        with timer.phase("accept"):
+            verdict = rule.verify(tree, logits, sampling, rng)
+        target.commit([0, *verdict.accepted])
+        new = [tree.tokens[i] for i in verdict.accepted] + [verdict.next_token]
+        kinds = ["accepted"] * len(verdict.accepted) + [verdict.next_kind]
+        stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
+        new, kinds = new[:stop_at], kinds[:stop_at]
+        stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
+        tokens += new
+        result.tokens += new
+        result.kinds += kinds
+        if stop_at is not None:
+            break
+    stats.wall_time_s = time.perf_counter() - start
+    return result

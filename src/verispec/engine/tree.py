@@ -1,0 +1,78 @@
+"""TokenTree: the draft a drafter proposes and the target verifies in one pass.
+
+Node 0 is the root: the last committed token, whose key/value the target has not cached
+yet. Every other node is a drafted token whose parent index is smaller than its own, so
+the node list is already in topological order. A chain of k drafts is the tree
+parents = [-1, 0, 1, ..., k-1]; plain autoregressive decoding is the root alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    # Per drafted node, the draft distribution q its token was drawn from (the drafter's
+    # distribution at its parent), [n_nodes, vocab]; row 0 is unused. None means the
+    # drafter had no distribution (deterministic drafts: q is one-hot on the token).
+    draft_probs: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens:
+            raise ValueError("a TokenTree needs a root and one parent index per token")
+        if self.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(self.parents) if i):
+            raise ValueError(f"parents must be -1 for the root and point to an earlier node: {self.parents}")
+
+    @classmethod
+    def chain(cls, root: int, drafts: list[int] | tuple[int, ...] = (), draft_probs: torch.Tensor | None = None) -> "TokenTree":
+        tokens = (int(root), *map(int, drafts))
+        return cls(tokens, tuple(range(-1, len(tokens) - 1)), draft_probs)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_drafted(self) -> int:
+        return len(self.tokens) - 1
+
+    @cached_property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
+        depths = [0] * len(self.tokens)
+        for i in range(1, len(self.tokens)):
+            depths[i] = depths[self.parents[i]] + 1
+        return tuple(depths)
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        kids: list[list[int]] = [[] for _ in self.tokens]
+        for i in range(1, len(self.tokens)):
+            kids[self.parents[i]].append(i)
+        return tuple(tuple(k) for k in kids)
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        path = []
+        while node != -1:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def leaf_paths(self) -> list[list[int]]:
+        return [self.path_to(i) for i, kids in enumerate(self.children) if not kids]
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
+        n = len(self.tokens)
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            mask[i, self.path_to(i)] = True
+        return mask

@@ -1,0 +1,98 @@
+"""SpeculativeGenerator: the public entry point that ties a target, a drafter and a rule."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .acceptance import choose_rule
+from .config import SamplingConfig
+from .drafters import Drafter, make_drafter
+from .engine.loop import speculative_decode
+from .engine.stats import GenerationStats
+from .engine.target import CachedLM
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]  # new tokens only
+    text: str
+    stats: GenerationStats
+    kinds: list[str] = field(default_factory=list)  # how each new token came: accepted/recovered/bonus/target
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+class SpeculativeGenerator:
+    """Generate with `method` (see verispec.methods()) on a LoadedModel target.
+
+    method options go as keyword arguments, e.g. method="prompt-lookup", k=10, or
+    method="draft-model", draft=verispec.load_model(...), k=5. A Drafter instance is
+    accepted as `method` too, for drafters of your own.
+    """
+
+    def __init__(self, lm: Any, method: str | Drafter = "ar", **method_options: Any):
+        self.lm = lm
+        if isinstance(method, Drafter):
+            self.method, self.drafter = type(method).__name__, method
+        else:
+            self.method, self.drafter = method, make_drafter(method, lm, **method_options)
+        self.target = CachedLM(lm.model)
+
+    def generate(
+        self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop_token_ids: list[int] | None = None,
+    ) -> GenerationOutput:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        prompt_ids = self._encode(prompt, chat)
+        self._check_lengths(prompt_ids, max_new_tokens)
+        stop_ids = set(self._eos_ids() if stop_token_ids is None else stop_token_ids)
+        result = speculative_decode(
+            self.target, self.drafter, choose_rule(sampling), prompt_ids, max_new_tokens,
+            sampling, self._rng(sampling), stop_ids,
+        )
+        return GenerationOutput(result.tokens, self._decode(result.tokens), result.stats, result.kinds, prompt_ids)
+
+    def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; give some text or token ids")
+            if getattr(self.lm, "tokenizer", None) is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
+            return self.lm.encode(prompt, chat=chat)
+        if chat:
+            raise ValueError("chat=True needs a text prompt (the chat template applies to text)")
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty; give some text or token ids")
+        vocab = self.lm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def _check_lengths(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        limit = self.target.max_positions
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                f"of {limit} positions; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _eos_ids(self) -> list[int]:
+        ids = getattr(self.lm, "eos_token_ids", None)
+        if ids is not None:
+            return list(ids)
+        eos = getattr(self.lm.model.generation_config, "eos_token_id", None)
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.lm.decode(ids) if getattr(self.lm, "tokenizer", None) is not None else ""
+
+    def _rng(self, sampling: SamplingConfig) -> torch.Generator | None:
+        if sampling.greedy:
+            return None
+        rng = torch.Generator(device=self.target.device)
+        rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        return rng

@@ -1,0 +1,85 @@
+"""Greedy output equals transformers' own greedy generate, whatever the drafter does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import verispec
+from verispec import SpeculativeGenerator
+from conftest import ScriptedDrafter, hf_greedy, tiny_llama
+
+PROMPTS = [[5, 17, 33, 2, 8, 61, 5, 17], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], [42], [9, 9, 9, 9, 10, 11, 9, 9]]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("correct", [0, 1, 3, 6])  # nothing, exactly j, everything accepted (k = 6)
+def test_scripted_drafts_keep_greedy_output(tiny, prompt, correct):
+    ref = hf_greedy(tiny, prompt, 40)
+    drafter = ScriptedDrafter(ref, len(prompt), k=6, correct=correct, vocab=96)
+    out = SpeculativeGenerator(tiny, method=drafter).generate(prompt, max_new_tokens=40)
+    assert out.token_ids == ref
+    steps = out.stats
+    assert steps.new_tokens == 40 and sum(steps.accept_lengths) == 40
+    # every step but the last one (cut by max_new_tokens) accepts exactly `correct` drafts
+    assert set(steps.accept_lengths[:-1]) == {correct + 1}
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7, 13])
+def test_max_new_tokens_exact_when_drafts_run_past_it(tiny, max_new):
+    prompt = PROMPTS[0]
+    ref = hf_greedy(tiny, prompt, max_new)
+    drafter = ScriptedDrafter(hf_greedy(tiny, prompt, 40), len(prompt), k=8, correct=8, vocab=96)
+    out = SpeculativeGenerator(tiny, method=drafter).generate(prompt, max_new_tokens=max_new)
+    assert out.token_ids == ref and len(out.token_ids) == max_new
+
+
+def test_stops_at_eos_inside_an_accepted_draft(tiny):
+    prompt = PROMPTS[1]
+    full = hf_greedy(tiny, prompt, 40)
+    eos = full[9]
+    ref = hf_greedy(tiny, prompt, 40, eos=eos)
+    assert ref[-1] == eos and len(ref) < 40
+    drafter = ScriptedDrafter(full, len(prompt), k=8, correct=8, vocab=96)
+    out = SpeculativeGenerator(tiny, method=drafter).generate(prompt, max_new_tokens=40, stop_token_ids=[eos])
+    assert out.token_ids == ref
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ar", {}),
+    ("prompt-lookup", {"k": 4}),
+    ("prompt-lookup", {"k": 10, "max_ngram": 1, "min_ngram": 1}),
+])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_registered_methods_keep_greedy_output(tiny, method, options, prompt):
+    ref = hf_greedy(tiny, prompt, 48)
+    out = SpeculativeGenerator(tiny, method=method, **options).generate(prompt, max_new_tokens=48)
+    assert out.token_ids == ref
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_draft_model_keeps_greedy_output(tiny, tiny_draft, prompt):
+    ref = hf_greedy(tiny, prompt, 48)
+    out = SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, k=4).generate(prompt, max_new_tokens=48)
+    assert out.token_ids == ref
+
+
+def test_draft_model_equal_to_target_accepts_everything(tiny):
+    prompt = PROMPTS[0]
+    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny, k=5)
+    out = gen.generate(prompt, max_new_tokens=36)
+    assert out.token_ids == hf_greedy(tiny, prompt, 36)
+    assert out.stats.accept_lengths == [6] * 6
+    assert out.stats.acceptance_rate == 1.0
+    assert out.kinds[:6] == ["accepted"] * 5 + ["bonus"]
+
+
+def test_ar_is_one_token_per_pass(tiny):
+    out = SpeculativeGenerator(tiny, method="ar").generate(PROMPTS[0], max_new_tokens=10)
+    assert out.stats.target_passes == 10 and out.stats.mean_accepted_tokens == 1.0
+    assert out.kinds == ["target"] * 10
+
+
+def test_generator_is_reusable_across_prompts(tiny, tiny_draft):
+    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, k=3)
+    for prompt in PROMPTS:
+        assert gen.generate(prompt, max_new_tokens=20).token_ids == hf_greedy(tiny, prompt, 20)

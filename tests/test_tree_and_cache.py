@@ -1,0 +1,87 @@
+"""TokenTree bookkeeping, tree target passes and KV-cache commit against fresh prefills."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verispec.engine.target import CachedLM
+from verispec.engine.tree import TokenTree
+
+
+def test_chain_shape():
+    t = TokenTree.chain(7, [1, 2, 3])
+    assert t.parents == (-1, 0, 1, 2) and t.depths == (0, 1, 2, 3) and t.is_chain
+    assert t.num_drafted == 3 and t.leaf_paths() == [[0, 1, 2, 3]]
+    assert torch.equal(t.ancestor_mask(), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+def test_tree_shape_and_mask():
+    #      0
+    #    1   2
+    #   3 4    5
+    t = TokenTree((10, 11, 12, 13, 14, 15), (-1, 0, 0, 1, 1, 2))
+    assert not t.is_chain
+    assert t.depths == (0, 1, 1, 2, 2, 2)
+    assert t.children[0] == (1, 2) and t.children[1] == (3, 4)
+    assert t.path_to(4) == [0, 1, 4]
+    assert t.leaf_paths() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    mask = t.ancestor_mask()
+    assert mask[4].tolist() == [True, True, False, False, True, False]
+    assert mask[5].tolist() == [True, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("parents", [(0,), (-1, 1), (-1, 0, 3, 1), (1, -1)])
+def test_invalid_parents_rejected(parents):
+    with pytest.raises(ValueError):
+        TokenTree(tuple(range(len(parents))), parents)
+
+
+def fresh_logits(lm, tokens: list[int]) -> torch.Tensor:
+    """Logits of a plain, cache-free pass over tokens [len, vocab]."""
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([tokens])).logits[0]
+
+
+def test_tree_pass_matches_plain_pass_per_node(tiny):
+    lm = CachedLM(tiny.model)
+    context = [3, 14, 15, 92, 65, 35]
+    tree = TokenTree((context[-1], 11, 12, 13, 14, 15, 16), (-1, 0, 0, 1, 1, 2, 5))
+    lm.extend(context[:-1])
+    logits = lm.forward_tree(tree)
+    for node in range(len(tree)):
+        path_tokens = [tree.tokens[i] for i in tree.path_to(node)]
+        expected = fresh_logits(tiny, context[:-1] + path_tokens)[-1]
+        torch.testing.assert_close(logits[node], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("accepted", [[], [1], [2, 5], [1, 4], [1, 3]])
+def test_tree_commit_equals_fresh_prefill_over_rounds(tiny, accepted):
+    """Commit a path, then run another tree round on top; both rounds must match plain passes."""
+    lm = CachedLM(tiny.model)
+    tokens = [3, 14, 15, 92, 65, 35]
+    lm.extend(tokens[:-1])
+    tree = TokenTree((tokens[-1], 11, 12, 13, 14, 15), (-1, 0, 0, 1, 1, 2))
+    for _ in range(3):
+        lm.forward_tree(tree)
+        lm.commit([0, *accepted])
+        tokens = tokens + [tree.tokens[i] for i in accepted] + [7]  # 7: the step's own token
+        assert lm.cached_len == len(tokens) - 1
+        logits = lm.forward_tree(TokenTree.chain(tokens[-1]))
+        torch.testing.assert_close(logits[-1], fresh_logits(tiny, tokens)[-1], atol=1e-4, rtol=1e-4)
+        lm.commit([0])
+        tokens.append(9)  # the cache again holds all but the last token
+        tree = TokenTree((tokens[-1], *tree.tokens[1:]), tree.parents)
+
+
+@pytest.mark.parametrize("n_accept", [0, 1, 3, 4])
+def test_chain_commit_equals_fresh_prefill(tiny, n_accept):
+    lm = CachedLM(tiny.model)
+    tokens = [1, 2, 3, 4, 5]
+    lm.extend(tokens[:-1])
+    drafts = [20, 21, 22, 23]
+    lm.forward_tree(TokenTree.chain(tokens[-1], drafts))
+    lm.commit(list(range(n_accept + 1)))
+    tokens = tokens + drafts[:n_accept] + [40]
+    assert lm.cached_len == len(tokens) - 1
+    logits = lm.forward_tree(TokenTree.chain(tokens[-1]))
+    torch.testing.assert_close(logits[-1], fresh_logits(tiny, tokens)[-1], atol=1e-4, rtol=1e-4)
