@@ -83,3 +83,24 @@ def test_generator_is_reusable_across_prompts(tiny, tiny_draft):
     gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, k=3)
     for prompt in PROMPTS:
         assert gen.generate(prompt, max_new_tokens=20).token_ids == hf_greedy(tiny, prompt, 20)
+
+
+@pytest.mark.parametrize("tree", [
+    [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]],
+    [[0], [1], [2], [0, 0], [0, 0, 0]],
+    "dynamic",
+])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_draft_model_trees_keep_greedy_output(tiny, tiny_draft, tree, prompt):
+    ref = hf_greedy(tiny, prompt, 40)
+    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, tree=tree, depth=4, top_k=3, budget=12)
+    out = gen.generate(prompt, max_new_tokens=40)
+    assert out.token_ids == ref
+
+
+def test_tree_of_target_itself_accepts_full_depth(tiny):
+    """With the target as its own draft the top-ranked branch is always right."""
+    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny, tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0]])
+    out = gen.generate(PROMPTS[0], max_new_tokens=20)
+    assert out.token_ids == hf_greedy(tiny, PROMPTS[0], 20)
+    assert out.stats.accept_lengths[:4] == [4, 4, 4, 4]

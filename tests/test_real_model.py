@@ -61,9 +61,19 @@ def small_draft(smol):
     return layer_subset(smol, [0, 1, 2, 3, 27, 28, 29])
 
 
-@pytest.mark.parametrize("method", ["ar", "prompt-lookup", "draft-model"])
-def test_greedy_equals_hf_generate(smol, cases, small_draft, method):
-    options = {"draft": small_draft, "k": 4} if method == "draft-model" else {}
+STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("method,options", [
+    ("ar", {}),
+    ("prompt-lookup", {}),
+    ("draft-model", {"k": 4}),
+    ("draft-model", {"tree": STATIC_TREE}),
+    ("draft-model", {"tree": "dynamic", "depth": 4, "top_k": 3, "budget": 12}),
+], ids=["ar", "prompt-lookup", "draft-chain", "draft-static-tree", "draft-dynamic-tree"])
+def test_greedy_equals_hf_generate(smol, cases, small_draft, method, options):
+    if method == "draft-model":
+        options = {"draft": small_draft, **options}
     gen = SpeculativeGenerator(smol, method=method, **options)
     for ids, ref in cases:
         out = gen.generate(ids, max_new_tokens=MAX_NEW)

@@ -120,8 +120,13 @@ def test_multi_draft_children_reproduce_target_distribution():
 
 # --- end to end: the generator with a draft model on a tiny-vocabulary model ---
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 4, 0.9)])
-def test_generator_sampling_matches_target_joint_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,options", [
+    (1.0, 0, 1.0, {"k": 3}),
+    (0.7, 4, 0.9, {"k": 3}),
+    (1.0, 0, 1.0, {"tree": [[0], [1], [0, 0], [1, 0]], "children": "sample-unique"}),
+    (1.0, 0, 1.0, {"tree": "dynamic", "depth": 2, "top_k": 2, "budget": 4}),
+])
+def test_generator_sampling_matches_target_joint_distribution(temperature, top_k, top_p, options):
     target, draft = tiny_llama(vocab=6, seed=3), tiny_llama(vocab=6, layers=1, seed=4)
     prompt = [1, 2, 3]
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -130,7 +135,7 @@ def test_generator_sampling_matches_target_joint_distribution(temperature, top_k
         batch = torch.cat([torch.tensor([prompt]).expand(6, -1), torch.arange(6)[:, None]], 1)
         p2 = probabilities(target.model(batch).logits[:, -1], sampling)  # [6, 6]
     exact = p1[:, None] * p2
-    gen = SpeculativeGenerator(target, method="draft-model", draft=draft, k=3)
+    gen = SpeculativeGenerator(target, method="draft-model", draft=draft, **options)
     counts = torch.zeros(6, 6)
     for seed in range(1500):
         out = gen.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -138,3 +143,63 @@ def test_generator_sampling_matches_target_joint_distribution(temperature, top_k
     keep = exact.flatten() > 0  # filtered-out pairs must never appear
     assert counts.flatten()[~keep].sum() == 0
     assert chisquare(counts.flatten()[keep].numpy(), (exact.flatten()[keep] * counts.sum()).numpy()).pvalue > 1e-3
+
+
+# --- token trees: multi-draft speculative sampling over grown trees ---
+
+from verispec.acceptance import rejection as rejection_module  # noqa: E402
+from verispec.drafters.tree_growth import grow_static, static_shape  # noqa: E402
+
+SHAPE = static_shape([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+
+
+def tree_step(rule, ctx: tuple[int, ...], mode: str, rng) -> list[int]:
+    """One draft -> verify step on the model-free target/draft; returns the emitted tokens."""
+    def path(tokens, parents, node):
+        out = []
+        while node > 0:
+            out.append(tokens[node])
+            node = parents[node]
+        return tuple(out[::-1])
+
+    def expand(tokens, parents, nodes):
+        return torch.stack([draft_q(ctx + path(tokens, parents, n)).log() for n in nodes])
+
+    tree = grow_static(0, draft_q(ctx).log(), SHAPE, expand, SamplingConfig(temperature=1.0), rng, 8, mode)
+    logits = torch.stack([target_p(ctx + path(tree.tokens, tree.parents, n)).log() for n in range(len(tree))])
+    v = rule.verify(tree, logits, SamplingConfig(temperature=1.0), rng)
+    return [tree.tokens[i] for i in v.accepted] + [v.next_token]
+
+
+def tree_counts(rule, mode: str, draws: int, seed: int) -> torch.Tensor:
+    rng = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V, V)
+    for _ in range(draws):
+        out: list[int] = []
+        while len(out) < 2:
+            out += tree_step(rule, tuple(out), mode, rng)
+        counts[out[0], out[1]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["sample", "sample-unique", "topk"])
+def test_multi_draft_tree_sampling_reproduces_target(mode):
+    counts = tree_counts(SpeculativeSamplingRule(), mode, draws=4000, seed=11)
+    assert chi_square_p(counts, exact_first_two()) > 1e-3
+
+
+class NoResidualRule(SpeculativeSamplingRule):
+    """Deliberately wrong: after a rejected sibling it keeps p instead of norm(max(0, p - q))."""
+
+    def verify(self, tree, logits, sampling, rng):
+        original = rejection_module._residual
+        rejection_module._residual = lambda p, q: p
+        try:
+            return super().verify(tree, logits, sampling, rng)
+        finally:
+            rejection_module._residual = original
+
+
+def test_wrong_residual_fails_the_tree_test():
+    counts = tree_counts(NoResidualRule(), "sample", draws=4000, seed=11)
+    assert chi_square_p(counts, exact_first_two()) < 1e-6

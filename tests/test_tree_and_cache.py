@@ -85,3 +85,43 @@ def test_chain_commit_equals_fresh_prefill(tiny, n_accept):
     assert lm.cached_len == len(tokens) - 1
     logits = lm.forward_tree(TokenTree.chain(tokens[-1]))
     torch.testing.assert_close(logits[-1], fresh_logits(tiny, tokens)[-1], atol=1e-4, rtol=1e-4)
+
+
+def tiny_gemma3(sliding_window: int = 4):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=sliding_window, max_position_embeddings=128,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="sdpa",
+    )
+    return Gemma3ForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("context_len", [3, 9])  # inside and beyond the sliding window of 4
+def test_gemma3_tree_pass_and_commit_respect_the_sliding_window(context_len):
+    class LM:
+        model = tiny_gemma3()
+
+    lm = CachedLM(LM.model)
+    context = [(7 * i + 3) % 64 for i in range(context_len)]
+    tree = TokenTree((context[-1], 11, 12, 13, 14, 15), (-1, 0, 0, 1, 1, 4))
+    lm.extend(context[:-1])
+    logits = lm.forward_tree(tree)
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        torch.testing.assert_close(logits[node], fresh_logits(LM, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
+    lm.commit([0, 1, 4])
+    tokens = context + [11, 14, 30]
+    after = lm.forward_tree(TokenTree.chain(tokens[-1], [31, 32]))
+    torch.testing.assert_close(after, fresh_logits(LM, tokens + [31, 32])[-3:], atol=1e-4, rtol=1e-4)
+
+
+def test_unchecked_architecture_refuses_trees():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = CachedLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval())
+    lm.extend([1, 2])
+    with pytest.raises(NotImplementedError, match="use a chain draft"):
+        lm.forward_tree(TokenTree((3, 4, 5), (-1, 0, 0)))

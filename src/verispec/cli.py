@@ -77,11 +77,12 @@ def cmd_generate(args) -> int:
         trace.print_terminal(out, lm)
     else:
         print(out.text)
-    print_stats(args.method, out.stats, base)
+    print_stats(args.method, out.stats, base.stats if base else None,
+                identical=None if base is None else base.token_ids == out.token_ids)
     return 0
 
 
-def print_stats(method: str, stats, base=None) -> None:
+def print_stats(method: str, stats, base=None, identical: bool | None = None) -> None:
     t = stats.time_s
     lines = [
         f"[{method}] {stats.new_tokens} tokens in {stats.wall_time_s:.2f} s = {stats.tokens_per_s:.1f} tok/s; "
@@ -92,7 +93,8 @@ def print_stats(method: str, stats, base=None) -> None:
         f"accept {t['accept']:.2f}s, other {stats.time_other_s:.2f}s",
     ]
     if base is not None:
-        lines.append(f"[ar] {base.tokens_per_s:.1f} tok/s -> speedup {stats.tokens_per_s / base.tokens_per_s:.2f}x")
+        lines.append(f"[ar] {base.new_tokens} tokens, {base.tokens_per_s:.1f} tok/s -> speedup "
+                     f"{stats.tokens_per_s / base.tokens_per_s:.2f}x; output identical to ar: {'yes' if identical else 'no'}")
     print("\n".join(lines), file=sys.stderr)
 
 

@@ -28,11 +28,17 @@ class SpeculativeGenerator:
 
     method options go as keyword arguments, e.g. method="prompt-lookup", k=10, or
     method="draft-model", draft=verispec.load_model(...), k=5. A Drafter instance is
-    accepted as `method` too, for drafters of your own.
+    accepted as `method` too, for drafters of your own. `rule` picks the verification
+    rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise) or
+    "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
     """
 
-    def __init__(self, lm: Any, method: str | Drafter = "ar", **method_options: Any):
+    def __init__(self, lm: Any, method: str | Drafter = "ar", rule: str = "auto",
+                 rule_options: dict | None = None, **method_options: Any):
         self.lm = lm
+        self.rule_name, self.rule_options = rule, dict(rule_options or {})
+        # build the rule once now so that a bad name or option fails here, not mid-benchmark
+        choose_rule(SamplingConfig(temperature=0.0 if rule == "greedy" else 1.0), rule, **self.rule_options)
         if isinstance(method, Drafter):
             self.method, self.drafter = type(method).__name__, method
         else:
@@ -48,7 +54,7 @@ class SpeculativeGenerator:
         self._check_lengths(prompt_ids, max_new_tokens)
         stop_ids = set(self._eos_ids() if stop_token_ids is None else stop_token_ids)
         result = speculative_decode(
-            self.target, self.drafter, choose_rule(sampling), prompt_ids, max_new_tokens,
+            self.target, self.drafter, choose_rule(sampling, self.rule_name, **self.rule_options), prompt_ids, max_new_tokens,
             sampling, self._rng(sampling), stop_ids,
         )
         return GenerationOutput(result.tokens, self._decode(result.tokens), result.stats, result.kinds, prompt_ids)

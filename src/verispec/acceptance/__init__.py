@@ -1,10 +1,11 @@
 """Verification rules: which drafted tokens the target accepts, and the token it adds.
 
 Lossless rules: `greedy` (temperature 0) and `speculative-sampling`. Lossy rules (which
-change the output distribution) say so with `lossless = False`.
+change the output distribution) say so with `lossless = False`: `typical`.
 """
-from .base import Rule, Verdict, choose_rule
+from .base import RULES, Rule, Verdict, choose_rule
 from .greedy import GreedyRule
 from .rejection import SpeculativeSamplingRule
+from .typical import TypicalAcceptanceRule
 
-__all__ = ["Rule", "Verdict", "GreedyRule", "SpeculativeSamplingRule", "choose_rule"]
+__all__ = ["RULES", "Rule", "Verdict", "GreedyRule", "SpeculativeSamplingRule", "TypicalAcceptanceRule", "choose_rule"]

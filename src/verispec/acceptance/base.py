@@ -41,9 +41,26 @@ def end_kind(tree: TokenTree, node: int) -> NextKind:
     return "recovered" if tree.children[node] else "bonus"
 
 
-def choose_rule(sampling: SamplingConfig) -> Rule:
-    """The lossless rule for these sampling settings."""
+RULES = ("auto", "greedy", "speculative-sampling", "typical")
+
+
+def choose_rule(sampling: SamplingConfig, name: str = "auto", **options) -> Rule:
+    """A rule by name; "auto" is the lossless rule for these sampling settings
+    (greedy at temperature 0, speculative sampling otherwise). "typical" is lossy."""
     from .greedy import GreedyRule
     from .rejection import SpeculativeSamplingRule
+    from .typical import TypicalAcceptanceRule
 
-    return GreedyRule() if sampling.greedy else SpeculativeSamplingRule()
+    if name == "auto":
+        name = "greedy" if sampling.greedy else "speculative-sampling"
+    if name == "typical":
+        return TypicalAcceptanceRule(**options)
+    if options:
+        raise ValueError(f"rule {name!r} takes no options (got {', '.join(options)})")
+    if name == "greedy":
+        if not sampling.greedy:
+            raise ValueError("the greedy rule needs temperature 0; use speculative-sampling (or auto) when sampling")
+        return GreedyRule()
+    if name == "speculative-sampling":
+        return SpeculativeSamplingRule()
+    raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(RULES)} (typical is lossy)")

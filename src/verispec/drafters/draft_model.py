@@ -9,6 +9,7 @@ from ..engine.sampling import probabilities, sample
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
 from .base import DraftContext, Drafter, register
+from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
 
 
 def check_same_vocabulary(target, draft) -> None:
@@ -26,15 +27,25 @@ def check_same_vocabulary(target, draft) -> None:
 
 @register("draft-model")
 class DraftModel(Drafter):
-    def __init__(self, target, draft=None, k: int = 5):
+    """Options: k (chain length); tree = None (a chain), a static shape as a list of rank
+    paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
+    siblings are chosen when sampling: "topk" (deterministic), "sample" (with replacement),
+    "sample-unique" (without replacement)."""
+
+    def __init__(self, target, draft=None, k: int = 5, tree=None, depth: int = 6, top_k: int = 4,
+                 budget: int = 32, children: str = "topk"):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
-        if k < 1:
-            raise ValueError(f"draft-model needs k >= 1, got {k}")
+        if k < 1 or depth < 1 or top_k < 1 or budget < 1:
+            raise ValueError(f"draft-model needs k, depth, top_k, budget >= 1 (got {k}, {depth}, {top_k}, {budget})")
         check_same_vocabulary(target, draft)
+        if children not in CHILD_MODES:
+            raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
         self.lm = CachedLM(draft.model)
-        self.k = int(k)
+        self.k, self.depth, self.top_k, self.budget, self.children = int(k), int(depth), int(top_k), int(budget), children
+        self.shape = None if tree in (None, "chain", "dynamic") else static_shape(tree)
+        self.dynamic = tree == "dynamic"
         self.cached: list[int] = []  # the tokens whose keys/values the draft cache holds
 
     def begin(self, prompt: list[int]) -> None:
@@ -42,9 +53,11 @@ class DraftModel(Drafter):
         self.cached = []
 
     def propose(self, ctx: DraftContext) -> TokenTree:
-        k = min(self.k, ctx.max_depth)
-        if k == 0:
+        if ctx.max_depth == 0:
             return TokenTree.chain(ctx.tokens[-1])
+        if self.shape is not None or self.dynamic:
+            return self._propose_tree(ctx)
+        k = min(self.k, ctx.max_depth)
         logits = self._catch_up(ctx.tokens)
         drafts, qs = [], []
         for i in range(k):
@@ -60,6 +73,19 @@ class DraftModel(Drafter):
         self.cached = ctx.tokens + drafts[:-1]
         draft_probs = torch.stack([qs[0], *qs]) if qs else None  # row 0 (the root) is unused
         return TokenTree.chain(ctx.tokens[-1], drafts, draft_probs)
+
+    def _propose_tree(self, ctx: DraftContext) -> TokenTree:
+        root_logits = self._catch_up(ctx.tokens)
+        self.lm.begin_tree(root_cached=True)
+        expand = self.lm.feed_nodes
+        if self.dynamic:
+            tree = grow_dynamic(ctx.tokens[-1], root_logits, expand, ctx.max_depth, self.depth, self.top_k, self.budget)
+        else:
+            tree = grow_static(ctx.tokens[-1], root_logits, self.shape, expand, ctx.sampling, ctx.rng,
+                               ctx.max_depth, self.children)
+        self.lm.crop(len(ctx.tokens))  # drop the tree; accepted tokens are fed at the next catch-up
+        self.cached = list(ctx.tokens)
+        return tree
 
     def _catch_up(self, tokens: list[int]) -> torch.Tensor:
         """Drop cached drafts the target rejected, feed the tokens the draft has not seen."""

@@ -30,10 +30,8 @@ def keep_positions(cache: Cache, start: int, kept: list[int]) -> None:
         return
     index = torch.tensor([*range(start), *(start + i for i in kept)])
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False):
-            raise NotImplementedError(
-                "tree commit on sliding-window cache layers is not supported yet; use a chain draft for this model"
-            )
+        if getattr(layer, "is_sliding", False):  # CachedLM gives hybrid models full layers; others can't gather
+            raise NotImplementedError("cannot gather positions of a sliding-window cache layer; use a cache without config")
         if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
             continue
         idx = index.to(layer.keys.device)

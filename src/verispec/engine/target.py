@@ -1,9 +1,11 @@
-"""A causal LM with its own KV cache: prefill, a pass over a token tree, commit.
+"""A causal LM with its own KV cache: prefill, passes over token-tree nodes, commit.
 
-The target uses it to verify drafts; a draft model uses the same class for its own cache.
+The target uses it to verify drafts; a draft model uses the same class to grow trees.
 Tree attention goes through transformers' supported 4D attention-mask path: context
 positions are visible to every node, and inside the tree a node sees only its ancestors
-and itself; position ids are context length + depth.
+and itself; position ids are context length + depth. Models with sliding-window layers
+(Gemma-3) get one mask per layer type, the form transformers accepts for hybrid models,
+and a cache that keeps every position so that the masks' sizes are the cache's.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 from transformers import DynamicCache
 
 from .cache import cache_length, crop_to, keep_positions
-from .tree import TokenTree
+from .tree import TokenTree, ancestor_matrix
+
+SUPPORTED_TREE_MODELS = ("llama", "gemma3_text", "gemma3")
 
 
 class CachedLM:
@@ -19,8 +23,18 @@ class CachedLM:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache(config=model.config)
-        self._tree_start = 0  # cache length before the last tree pass
+        config = model.config
+        self.layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
+        self.sliding_window = getattr(config, "sliding_window", None)
+        self._hybrid = "sliding_attention" in self.layer_types
+        self.cache = self._new_cache()
+        self._tree_start = 0  # cache length when the current tree began
+        self._fed: list[int] = []  # tree nodes in the cache after _tree_start, in cache order
+
+    def _new_cache(self) -> DynamicCache:
+        # Without the config every layer keeps all positions: sliding-window layers then
+        # support rollback and gather, and the per-type masks below apply the window.
+        return DynamicCache() if self._hybrid else DynamicCache(config=self.model.config)
 
     @property
     def cached_len(self) -> int:
@@ -31,7 +45,7 @@ class CachedLM:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = self._new_cache()
 
     def _run(self, ids: torch.Tensor, logits_to_keep: int = 0, **extra) -> torch.Tensor:
         with torch.inference_mode():
@@ -47,23 +61,75 @@ class CachedLM:
 
     def forward_tree(self, tree: TokenTree) -> torch.Tensor:
         """One pass over every tree node; logits [n_nodes, vocab], row i predicts node i's children."""
-        self._tree_start = start = self.cached_len
-        ids = torch.tensor(tree.tokens)
+        self.begin_tree()
         if tree.is_chain:  # plain causal attention is exactly the chain's ancestor mask
-            return self._run(ids)
-        positions = (start + torch.tensor(tree.depths))[None].to(self.device)
-        return self._run(ids, position_ids=positions, attention_mask=self._tree_mask(tree, start))
+            self._fed = list(range(len(tree)))
+            return self._run(torch.tensor(tree.tokens))
+        return self.feed_nodes(tree.tokens, tree.parents, list(range(len(tree))))
 
-    def _tree_mask(self, tree: TokenTree, start: int) -> torch.Tensor:
-        """[1, 1, n, start + n] additive float mask: 0 where visible, dtype minimum elsewhere."""
-        visible = torch.cat([torch.ones(len(tree), start, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+    def begin_tree(self, root_cached: bool = False) -> None:
+        """Start a tree; root_cached: its root is the last cached token (a drafter's tree), not yet fed."""
+        if root_cached:
+            self._tree_start, self._fed = self.cached_len - 1, [0]
+        else:
+            self._tree_start, self._fed = self.cached_len, []
+
+    def feed_nodes(self, tokens, parents, nodes: list[int]) -> torch.Tensor:
+        """Add tree nodes (whose ancestors are already fed or among `nodes`) to the cache; logits [len(nodes), vocab].
+
+        tokens/parents describe the tree so far (parents[0] == -1 is the root); this lets a
+        drafter grow a tree level by level with one pass per level.
+        """
+        _check_tree_support(self.model)
+        depths = _depths(parents)
+        keys = self._fed + nodes
+        start = self._tree_start
+        masks = self._tree_masks(parents, nodes, keys, start, depths)
+        positions = torch.tensor([start + depths[i] for i in nodes])[None].to(self.device)
+        logits = self._run(torch.tensor([tokens[i] for i in nodes]), position_ids=positions, attention_mask=masks)
+        self._fed = keys
+        return logits
+
+    def _tree_masks(self, parents, queries, keys, start, depths):
+        """Additive float masks [1, 1, len(queries), start + len(keys)]: 0 where visible, dtype min elsewhere."""
+        visible_tree = ancestor_matrix(parents)[queries][:, keys]
+        visible = torch.cat([torch.ones(len(queries), start, dtype=torch.bool), visible_tree], dim=1)
+        if not self._hybrid:
+            return self._additive(visible)
+        # sliding layers see only the last `sliding_window` positions, counted by position id
+        query_pos = torch.tensor([start + depths[q] for q in queries])[:, None]
+        key_pos = torch.cat([torch.arange(start), torch.tensor([start + depths[k] for k in keys])])[None]
+        in_window = (query_pos - key_pos) < self.sliding_window
+        return {"full_attention": self._additive(visible), "sliding_attention": self._additive(visible & in_window)}
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(visible.shape, dtype=self.dtype)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         return mask[None, None].to(self.device)
 
     def commit(self, kept_nodes: list[int]) -> None:
-        """After forward_tree: keep the cached context plus these tree nodes (a root-first path)."""
-        keep_positions(self.cache, self._tree_start, kept_nodes)
+        """After a tree pass: keep the cached context plus these tree nodes (a root-first path)."""
+        slots = [self._fed.index(n) for n in kept_nodes]
+        keep_positions(self.cache, self._tree_start, slots)
+        self._fed = []
 
     def crop(self, length: int) -> None:
         crop_to(self.cache, length)
+
+
+def _depths(parents) -> list[int]:
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    return depths
+
+
+
+
+def _check_tree_support(model) -> None:
+    kind = getattr(model.config, "model_type", "?")
+    if kind not in SUPPORTED_TREE_MODELS:
+        raise NotImplementedError(
+            f"tree attention is checked for model types {', '.join(SUPPORTED_TREE_MODELS)}, not {kind!r}; "
+            "use a chain draft (the default) with this model"
+        )

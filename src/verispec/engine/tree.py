@@ -71,8 +71,15 @@ class TokenTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
-        n = len(self.tokens)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            mask[i, self.path_to(i)] = True
-        return mask
+        return ancestor_matrix(self.parents)
+
+
+def ancestor_matrix(parents) -> torch.Tensor:
+    """[n, n] bool ancestor-or-self matrix of a topologically ordered parent list."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]  # a node sees what its parent sees, plus itself
+        mask[i, i] = True
+    return mask

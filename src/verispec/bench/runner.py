@@ -1,0 +1,564 @@
+"""Run a suite: every method on the same prompts, interleaved per question, saved as
+Spec-Bench answer files (one JSONL per method) so a run can be resumed and re-reported.
+
+Per question, each repeat runs every method that still lacks the question, in an order
+rotated per question and repeat (machine drift and warm caches hit all methods alike). A
+question's records are written when all its repeats are done, so an interrupted run keeps
+every finished question and a rerun of the same command picks up where it stopped.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import suites
+from .peers import PEERS, HFPeer, is_peer
+
+DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
+BASELINE = "ar"
+PHASES = ("prefill", "draft", "target", "accept")
+RUN_FILE = "run.json"
+TRACE_DIR = "traces"
+# settings that must match to resume into (or add methods to) an existing output folder
+_SAME_RUN_KEYS = ("suite", "model", "dtype", "max_new_tokens", "temperature", "seed", "repeats", "draft",
+                  "universal_draft")
+
+
+@dataclass
+class BenchConfig:
+    out: Path
+    model: str = "smollm2-135m-instruct"
+    methods: Sequence[str] = DEFAULT_METHODS
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> its options
+    suite: str = "spec-bench"
+    questions: str | None = None  # path or URL of question.jsonl; None: the default location
+    tasks: Sequence[str] | None = None
+    per_task: int | None = None
+    max_new_tokens: int = 1024  # Spec-Bench's setting
+    temperature: float = 0.0
+    dtype: str = "auto"
+    device: str = "auto"
+    repeats: int = 1
+    seed: int = 0
+    draft: str | None = None  # draft model for draft-model / hf-assisted ("layers:0,1,2" = a subset of the target)
+    universal_draft: str | None = None  # draft with another tokenizer for hf-universal (default: draft)
+    warmup: int = 1  # warm-up generations per method before timing
+    traces: bool = True  # trace pages for the first question of each task and method
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    command: str | None = None  # the command line, recorded in run.json by the CLI
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        methods = [m.strip() for m in self.methods if m.strip()]
+        if not methods:
+            raise ValueError("--methods is empty; give e.g. ar,prompt-lookup,hf-greedy")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"--methods lists a method twice: {','.join(methods)}")
+        if BASELINE not in methods:  # speedup and losslessness are measured against ar in the same run
+            methods.insert(0, BASELINE)
+        self.methods = tuple(methods)
+        unknown = set(self.options) - set(self.methods)
+        if unknown:
+            raise ValueError(f"--option names method(s) not in --methods: {', '.join(sorted(unknown))}")
+        if self.suite not in suites.SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; suites: {', '.join(suites.SUITES)}")
+        for name, value, low in (("max_new_tokens", self.max_new_tokens, 1), ("repeats", self.repeats, 1),
+                                 ("warmup", self.warmup, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"--threads must be an integer >= 1, got {self.threads!r}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    questions: int  # questions selected
+    ran: int  # questions run now (all methods)
+    skipped: int  # questions every method already had
+    interrupted: bool = False
+    report: Path | None = None
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+class ChatFormatter:
+    """Conversation -> prompt token ids with the tokenizer's chat template, the answer text
+    as Spec-Bench keeps it (special tokens dropped, stripped). A tokenizer without a chat
+    template gets a plain "User: ... / Assistant:" layout."""
+
+    def __init__(self, lm: Any):
+        self.tokenizer = getattr(lm, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError(f"model {getattr(lm, 'name', '?')!r} has no tokenizer; the benchmark needs one to "
+                             "build prompts from the questions")
+        self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.chat_template:
+            text = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n\n" for m in messages)
+            return list(self.tokenizer(text + "Assistant:")["input_ids"])
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys") and "input_ids" in ids:
+            ids = ids["input_ids"]
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(i) for i in ids]
+
+    def answer(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class VerispecMethod:
+    """A verispec method (see verispec.methods()) behind the bench's method interface."""
+
+    kind = "verispec"
+    measured_phases = PHASES
+
+    def __init__(self, name: str, lm: Any, **options: Any):
+        from ..generator import SpeculativeGenerator
+
+        self.name, self.lm = name, lm
+        self.generator = SpeculativeGenerator(lm, method=name, **options)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int | None = None):
+        return self.generator.generate(list(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=seed)
+
+
+def takes_draft(method: str) -> bool:
+    """Whether a verispec method's drafter takes a `draft` model option."""
+    from ..drafters import base
+
+    cls = getattr(base, "_REGISTRY", {}).get(method)
+    return cls is not None and "draft" in inspect.signature(cls.__init__).parameters
+
+
+def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
+                 universal_draft: Any | None = None):
+    from ..drafters import methods as verispec_methods
+
+    if is_peer(name):
+        chosen = (universal_draft or draft) if name == "hf-universal" else draft
+        return HFPeer(name, lm, draft=chosen, **options)
+    if name not in verispec_methods():
+        raise ValueError(f"unknown method {name!r}; verispec methods: {', '.join(verispec_methods())}; "
+                         f"peers: {', '.join(PEERS)}")
+    options = dict(options)
+    chosen = universal_draft if name == "universal" and universal_draft is not None else draft
+    if takes_draft(name) and "draft" not in options and chosen is not None:
+        options["draft"] = chosen
+    return VerispecMethod(name, lm, **options)
+
+
+def load_draft(spec: str, lm: Any, dtype: str, device: str):
+    """A draft model: a zoo name or HF directory, or "layers:0,1,2" for a subset of the target's layers."""
+    if spec.startswith("layers:"):
+        from ..draft_init import layer_subset
+
+        try:
+            layers = [int(x) for x in spec.split(":", 1)[1].split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--draft {spec!r}: use layers:I,J,K with layer indices, e.g. layers:0,1,2,3") from None
+        return layer_subset(lm, layers)
+    from ..models import load_model
+
+    return load_model(spec, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- answer files
+
+
+def answer_path(out: Path, method: str) -> Path:
+    return Path(out) / f"{method}.jsonl"
+
+
+def read_answers(path: Path, repair: bool = False) -> list[dict]:
+    """Records of an answer file. A torn last line (a run killed mid-write) is dropped, and
+    with repair=True cut from the file so appends start on a clean line."""
+    if not path.is_file():
+        return []
+    records, good_bytes = [], 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(raw)
+    if repair and good_bytes != path.stat().st_size:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_bytes)
+    return records
+
+
+def append_answer(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(lm: Any | None = None) -> dict[str, Any]:
+    """Where the numbers come from: machine, threads, versions."""
+    import transformers
+
+    from .. import __version__
+
+    env: dict[str, Any] = {
+        "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "verispec": __version__,
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews timings: keep a trace of it
+        env["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    if lm is not None:
+        device = next(lm.model.parameters()).device
+        env["device"] = str(device)
+        env["dtype"] = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """rich progress bar with ETA on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task("bench", total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def describe(self, text: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=text)
+
+    def advance(self) -> None:
+        if self.bar:
+            self.bar.advance(self.task)
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"verispec bench: {message}", file=sys.stderr, flush=True)
+
+
+def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = None, universal_draft: Any | None = None,
+              formatter: Any | None = None, progress: bool = True, report: bool = True) -> BenchResult:
+    """Run (or resume) the benchmark described by `config`; returns what was done.
+
+    lm / draft / universal_draft: LoadedModel-like objects to use instead of loading
+    config.model / config.draft (tests pass tiny models). formatter: turns a conversation
+    into prompt ids and an answer into text (default: the tokenizer's chat template).
+    """
+    out = config.out
+    question_file = suites.resolve_questions(config.questions)
+    selected = suites.select(suites.load_questions(question_file), config.tasks, config.per_task)
+    if not selected:
+        raise ValueError("no questions selected; check --tasks and --per-task")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_run(out)
+    _check_same_run(previous, config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    if lm is None:
+        from ..models import load_model
+
+        _say(progress, f"loading {config.model} ({config.dtype})")
+        lm = load_model(config.model, dtype=config.dtype, device=config.device)
+    if draft is None and config.draft:
+        _say(progress, f"loading draft {config.draft}")
+        draft = load_draft(config.draft, lm, config.dtype, config.device)
+    if universal_draft is None and config.universal_draft:
+        _say(progress, f"loading universal draft {config.universal_draft}")
+        universal_draft = load_draft(config.universal_draft, lm, config.dtype, config.device)
+    formatter = formatter or ChatFormatter(lm)
+
+    runners = {m: build_method(m, lm, config.options.get(m, {}), draft, universal_draft) for m in config.methods}
+    _write_run(out, config, previous, lm, question_file, formatter)
+
+    done = {m: {r["question_id"] for r in read_answers(answer_path(out, m), repair=True)} for m in config.methods}
+    pending = [q for q in selected if any(q.question_id not in done[m] for m in config.methods)]
+    result = BenchResult(out, len(selected), 0, len(selected) - len(pending))
+    if result.skipped:
+        _say(progress, f"resuming: {result.skipped} of {len(selected)} questions already done in {out}")
+    if pending:
+        _check_prompt_lengths(pending, formatter, lm, config.max_new_tokens)
+        needed = [m for m in config.methods if any(q.question_id not in done[m] for q in pending)]
+        _warm_up(runners, needed, pending[0], formatter, config, progress)
+        first_of_task = _first_of_each_task(selected)
+        units = sum(config.repeats for q in pending for m in config.methods if q.question_id not in done[m])
+        try:
+            with _Progress(progress, units) as bar:
+                for number, q in enumerate(pending):
+                    todo = [m for m in config.methods if q.question_id not in done[m]]
+                    runs = _run_question(q, todo, runners, formatter, config, bar, number)
+                    for m in todo:
+                        append_answer(answer_path(out, m), _record(q, m, runners[m], runs[m], config))
+                        done[m].add(q.question_id)
+                        if config.traces and first_of_task.get(q.task) == q.question_id:
+                            _write_trace(out, m, q, runs[m][0][0][0], lm, config)
+                    result.ran += 1
+        except KeyboardInterrupt:
+            result.interrupted = True
+            _say(True, f"interrupted: {result.skipped + result.ran} of {len(selected)} questions are saved in {out}; "
+                       "rerun the same command to resume")
+    if report:
+        from .report import build_report
+
+        result.report = build_report(out)
+        _say(progress, f"report: {result.report}")
+    return result
+
+
+def _run_question(q, todo, runners, formatter, config, bar, number) -> dict[str, list[list[tuple]]]:
+    """runs[method][repeat] = [(GenerationOutput, wall seconds, answer text) per turn]."""
+    runs: dict[str, list] = {m: [] for m in todo}
+    for repeat in range(config.repeats):
+        shift = (number + repeat) % len(todo)
+        for m in todo[shift:] + todo[:shift]:
+            bar.describe(f"q{q.question_id} {q.task} · {m}" + (f" · repeat {repeat + 1}" if config.repeats > 1 else ""))
+            runs[m].append(_converse(q, runners[m], formatter, config))
+            bar.advance()
+    return runs
+
+
+def _converse(q, runner, formatter, config, max_new_tokens: int | None = None, turns: int | None = None):
+    """All turns of a question, each answered after the previous answers, as Spec-Bench does."""
+    messages, results = [], []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for turn, text in enumerate(q.turns[:turns]):
+        messages.append({"role": "user", "content": text})
+        prompt = formatter.encode(messages)
+        seed = None if config.temperature == 0 else config.seed * 1_000_003 + q.question_id * 16 + turn
+        sync()
+        start = time.perf_counter()
+        out = runner.generate(prompt, max_new_tokens or config.max_new_tokens, config.temperature, seed)
+        sync()
+        wall = time.perf_counter() - start
+        answer = formatter.answer(out.token_ids)
+        results.append((out, wall, answer))
+        messages.append({"role": "assistant", "content": answer})
+    return results
+
+
+def _warm_up(runners, methods, question, formatter, config, progress) -> None:
+    if not config.warmup:
+        return
+    _say(progress, f"warming up {', '.join(methods)}")
+    for _ in range(config.warmup):
+        for m in methods:
+            _converse(question, runners[m], formatter, config, max_new_tokens=min(32, config.max_new_tokens), turns=1)
+
+
+def _check_prompt_lengths(questions, formatter, lm, max_new_tokens) -> None:
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    too_long = []
+    for q in questions:
+        n = len(formatter.encode([{"role": "user", "content": q.turns[0]}]))
+        if n + max_new_tokens > limit:
+            too_long.append(f"{q.question_id} ({n} tokens)")
+    if too_long:
+        raise ValueError(f"prompt + --max-new-tokens {max_new_tokens} exceeds the model's context of {limit} for "
+                         f"question(s) {', '.join(too_long[:10])}; lower --max-new-tokens or leave those tasks out")
+
+
+def _first_of_each_task(questions) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for q in questions:
+        first.setdefault(q.task, q.question_id)
+    return first
+
+
+def trace_path(out: Path, method: str, task: str) -> Path:
+    return Path(out) / TRACE_DIR / method / f"{task}.html"
+
+
+def _write_trace(out, method, q, gen_out, lm, config) -> None:
+    from ..trace import write_html
+
+    title = f"{method} on {config.model}: question {q.question_id} ({q.category}), turn 1"
+    write_html(gen_out, lm, trace_path(out, method, q.task), title=title)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _record(q, method: str, runner, repeats: list[list[tuple]], config: BenchConfig) -> dict:
+    """One Spec-Bench answer record (plus verispec's own details under "verispec")."""
+    first = repeats[0]
+    outs = [o for o, _, _ in first]
+    walls = [[rep[t][1] for rep in repeats] for t in range(len(first))]
+    measured = set(getattr(runner, "measured_phases", PHASES))
+    accept_measured = all(o.stats.accept_lengths or not o.token_ids for o in outs)
+    time_s = []
+    for t in range(len(first)):
+        phases = {}
+        for phase in PHASES:
+            if phase in measured:
+                phases[phase] = _median([rep[t][0].stats.time_s.get(phase, 0.0) for rep in repeats])
+            else:
+                phases[phase] = None
+        time_s.append(phases)
+    accept_lengths = [n for o in outs for n in o.stats.accept_lengths] if accept_measured else []
+    choice = {
+        "index": 0,
+        "turns": [answer for _, _, answer in first],
+        "decoding_steps": [o.stats.target_passes if accept_measured else None for o in outs],
+        "new_tokens": [len(o.token_ids) for o in outs],
+        "wall_time": [_median(w) for w in walls],
+        "accept_lengths": accept_lengths,
+    }
+    choice["idxs"] = choice["decoding_steps"]  # the same count under EAGLE's name
+    details = {
+        "method": method,
+        "kind": getattr(runner, "kind", "verispec"),
+        "task": q.task,
+        "options": _jsonable(config.options.get(method, {})),
+        "prompt_tokens": [len(o.prompt_ids) for o in outs],
+        "token_ids": [list(o.token_ids) for o in outs],
+        "kinds": [list(o.kinds) for o in outs],
+        "accept_measured": accept_measured,
+        "drafted_tokens": [o.stats.drafted_tokens if accept_measured else None for o in outs],
+        "accepted_tokens": [o.stats.accepted_tokens if accept_measured else None for o in outs],
+        "drafted_per_position": [list(o.stats.drafted_per_position) for o in outs] if accept_measured else None,
+        "accepted_per_position": [list(o.stats.accepted_per_position) for o in outs] if accept_measured else None,
+        "time_s": time_s,
+        "wall_time_repeats": walls,
+        "repeats_identical": all([o.token_ids for o, _, _ in rep] == [o.token_ids for o in outs] for rep in repeats),
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+    }
+    return {
+        "question_id": q.question_id,
+        "category": q.category,
+        "answer_id": uuid.uuid4().hex[:22],
+        "model_id": f"{config.model}-{method}-{dtype_name(runner)}",
+        "choices": [choice],
+        "tstamp": time.time(),
+        "verispec": details,
+    }
+
+
+def dtype_name(runner) -> str:
+    lm = getattr(runner, "lm", None)
+    try:
+        return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration):
+        return "unknown"
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
+            for k, v in options.items()}
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def _read_run(out: Path) -> dict | None:
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _settings(config: BenchConfig) -> dict[str, Any]:
+    return {"suite": config.suite, "model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
+            "temperature": config.temperature, "seed": config.seed, "repeats": config.repeats, "draft": config.draft,
+            "universal_draft": config.universal_draft}
+
+
+def _check_same_run(previous: dict | None, config: BenchConfig) -> None:
+    if not previous:
+        return
+    now = _settings(config)
+    changed = [f"{k}: {previous.get(k)!r} there, {now[k]!r} now" for k in _SAME_RUN_KEYS
+               if k in previous and previous.get(k) != now[k]]
+    old_options = previous.get("options", {})
+    for m in config.methods:
+        if m in old_options and old_options[m] != _jsonable(config.options.get(m, {})):
+            changed.append(f"options of {m}: {old_options[m]} there, {_jsonable(config.options.get(m, {}))} now")
+    if changed:
+        raise ValueError(f"{config.out} holds a run with other settings ({'; '.join(changed)}); rerun with the same "
+                         "settings to resume, or use another --out")
+
+
+def _write_run(out: Path, config: BenchConfig, previous: dict | None, lm: Any, question_file: Path, formatter) -> None:
+    info = dict(previous or {})
+    methods = list(info.get("methods", []))
+    methods += [m for m in config.methods if m not in methods]
+    options = dict(info.get("options", {}))
+    options.update({m: _jsonable(o) for m, o in config.options.items()})
+    info.update(_settings(config))
+    info.update(
+        methods=methods, options=options, baseline=BASELINE, questions_file=str(question_file),
+        tasks=list(config.tasks) if config.tasks else None, per_task=config.per_task,
+        chat_template=bool(getattr(formatter, "chat_template", False)), environment=environment(lm),
+        command=config.command or info.get("command"),
+        started=info.get("started") or time.strftime("%Y-%m-%d %H:%M:%S"), updated=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    (Path(out) / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
