@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+import torch
 
-from verispec.bench import metrics, peers, report, runner
+from verispec.bench import peers, report, runner
 from verispec.bench.cli import parse_method_options
 from verispec.bench.runner import BenchConfig, read_answers, run_bench
 from conftest import tiny_llama
@@ -21,6 +21,16 @@ METHODS = ["ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup"]
 # Spec-Bench's evaluation/eval.py writes exactly these keys
 SPEC_BENCH_KEYS = {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}
 SPEC_BENCH_CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
+    threads can make each forward pass 100x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class CharFormatter:
@@ -50,13 +60,10 @@ def questions(tmp_path):
 
 
 def run(tiny_lm, questions, out, **kw):
+    objects = {k: kw.pop(k) for k in list(kw) if k in ("draft", "universal_draft", "report")}
     config = BenchConfig(out=out, questions=str(questions), methods=kw.pop("methods", METHODS),
                          max_new_tokens=kw.pop("max_new_tokens", 12), **kw)
-    return run_bench(config, lm=tiny_lm, formatter=CharFormatter(), progress=False, **_run_kw(kw))
-
-
-def _run_kw(kw):
-    return {k: kw.pop(k) for k in list(kw) if k in ("draft", "universal_draft", "report")}
+    return run_bench(config, lm=tiny_lm, formatter=CharFormatter(), progress=False, **objects)
 
 
 def test_answer_files_follow_spec_bench_layout(tiny_lm, questions, tmp_path):
@@ -155,10 +162,11 @@ def test_peer_steps_measured_from_inputs_and_stream():
 
 def test_planted_difference_is_reported(tiny_lm, questions, tmp_path, monkeypatch):
     original = peers.HFPeer.generate
+    tail = [1 + ord(c) % 90 for c in "and reverse it"]  # how CharFormatter ends question 131's second turn
 
     def planted(self, prompt_ids, max_new_tokens, temperature=0.0, seed=None):
         out = original(self, prompt_ids, max_new_tokens, temperature, seed)
-        if self.name == "hf-greedy" and len(prompt_ids) > 40:  # the second turn of question 131 only
+        if self.name == "hf-greedy" and prompt_ids[-len(tail):] == tail:
             out.token_ids[5] = (out.token_ids[5] + 1) % 96
         return out
 
@@ -283,3 +291,45 @@ def test_cli_bench_and_report(tiny_lm, questions, tmp_path, capsys):
     assert main(["bench", "report", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "speedup.png").is_file()
     assert "Question Answering" in (out / "report.md").read_text()
+
+
+def _byte_tokenizer(vocab, corpus):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+class TokLM:
+    eos_token_ids: list = []
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.name = model, tokenizer, "tok"
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_universal_assisted_peer_with_another_tokenizer():
+    a = _byte_tokenizer(300, "hello world the cat sat on the mat")
+    b = _byte_tokenizer(280, "a quick brown fox jumps over the dogs")
+    assert a.get_vocab() != b.get_vocab()
+    target = TokLM(tiny_llama(vocab=len(a)).model, a)
+    draft = TokLM(tiny_llama(vocab=len(b), layers=1, seed=1).model, b)
+    prompt = a("hello world the cat")["input_ids"]
+    universal = peers.HFPeer("hf-universal", target, draft=draft, num_assistant_tokens=4).generate(prompt, 12)
+    assert universal.token_ids == peers.HFPeer("hf-greedy", target).generate(prompt, 12).token_ids
+    assert sum(universal.stats.accept_lengths) == 12 and universal.stats.drafted_tokens > 0
+    with pytest.raises(ValueError, match="use hf-assisted"):
+        peers.HFPeer("hf-universal", target, draft=TokLM(draft.model, a))
+
+
+def test_assisted_peer_refuses_another_vocabulary(tiny_lm):
+    with pytest.raises(ValueError, match="use hf-universal"):
+        peers.HFPeer("hf-assisted", tiny_lm, draft=tiny_llama(vocab=80))

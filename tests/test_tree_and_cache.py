@@ -125,3 +125,28 @@ def test_unchecked_architecture_refuses_trees():
     lm.extend([1, 2])
     with pytest.raises(NotImplementedError, match="use a chain draft"):
         lm.forward_tree(TokenTree((3, 4, 5), (-1, 0, 0)))
+
+
+def test_auxiliary_nodes_ride_along_without_touching_the_tree(tiny):
+    """Aux nodes (e.g. a Lookahead window) get their own logits; tree rows and the committed cache are unchanged."""
+    context = [3, 14, 15, 92, 65, 35]
+    # aux chain 40 -> 41 continues after the root at positions +1, +2 and sees the root
+    aux_visible = torch.tensor([[True, False, False, True, False], [True, False, False, True, True]])
+    tree = TokenTree((context[-1], 11, 12), (-1, 0, 0), aux_tokens=(40, 41), aux_positions=(1, 2), aux_visible=aux_visible)
+    lm = CachedLM(tiny.model)
+    lm.extend(context[:-1])
+    logits = lm.forward_tree(tree)
+    assert logits.shape[0] == 5
+    for node in range(3):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        torch.testing.assert_close(logits[node], fresh_logits(tiny, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[3:], fresh_logits(tiny, context + [40, 41])[-2:], atol=1e-4, rtol=1e-4)
+    lm.commit([0, 2])
+    tokens = context + [12, 50]
+    after = lm.forward_tree(TokenTree.chain(tokens[-1]))
+    torch.testing.assert_close(after[-1], fresh_logits(tiny, tokens)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_aux_shape_is_checked():
+    with pytest.raises(ValueError, match="auxiliary"):
+        TokenTree((1, 2), (-1, 0), aux_tokens=(3,), aux_positions=(1,), aux_visible=torch.ones(1, 2, dtype=torch.bool))

@@ -105,6 +105,19 @@ class HFPeer:
         if name == "hf-universal":
             if getattr(lm, "tokenizer", None) is None or getattr(draft, "tokenizer", None) is None:
                 raise ValueError("hf-universal needs tokenizers for both the target and the draft model")
+            if lm.tokenizer.get_vocab() == draft.tokenizer.get_vocab():
+                raise ValueError("hf-universal is for a draft with another tokenizer, and this draft shares the "
+                                 "target's (transformers refuses that); use hf-assisted, or pass a draft with "
+                                 "another tokenizer as --universal-draft")
+        if name == "hf-assisted":
+            from ..drafters.draft_model import check_same_vocabulary
+
+            try:
+                check_same_vocabulary(lm, draft)
+            except ValueError:
+                raise ValueError("hf-assisted needs a draft with the target's tokenizer, and this draft's vocabulary "
+                                 "differs; for a draft with another tokenizer use hf-universal "
+                                 "(--universal-draft)") from None
         if name == "hf-prompt-lookup":
             self.generate_options["prompt_lookup_num_tokens"] = 10
         from transformers import GenerationConfig
@@ -118,6 +131,11 @@ class HFPeer:
             else:
                 raise ValueError(f"{name} has no option {key!r}; options are transformers GenerationConfig fields "
                                  f"(e.g. prompt_lookup_num_tokens, max_matching_ngram_size, num_assistant_tokens)")
+        if draft is not None and draft.model is lm.model:
+            # the target drafting for itself: give the assistant its own copy, so the forward hooks
+            # that measure the target do not also count the assistant's passes
+            self.draft = copy.copy(draft)
+            self.draft.model = copy.deepcopy(draft.model)
         self.model = lm.model
         self.device = next(self.model.parameters()).device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)

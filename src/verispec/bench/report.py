@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from . import metrics
 from .runner import BASELINE, RUN_FILE, read_answers, trace_path
@@ -116,7 +115,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
 
     parts += _acceptance_section(methods)
     parts += _time_section(methods)
-    parts += _lossless_section(summary)
+    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"))
     parts += _trace_section(out, methods, tasks)
     if charts:
         parts += ["## Charts", ""]
@@ -126,7 +125,9 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     files = ", ".join(f"`{m}.jsonl`" for m in methods)
     parts += ["## Files", "",
               f"Answers, one JSONL per method in Spec-Bench's answer layout: {files}. Spec-Bench's own "
-              "`evaluation/speed.py` reads them (`--file-path` a method's file, `--base-path` `ar.jsonl`). "
+              "`evaluation/speed.py` reads them (`--file-path` a method's file, `--base-path` `ar.jsonl`); its "
+              "baseline speed re-tokenizes the baseline's answer text (minus one token for a BOS), so it can "
+              "differ slightly from the speedup here, which counts generated tokens for both. "
               f"All numbers above: `{METRICS_FILE}`. Rebuild this report: `verispec bench report {out}`.", ""]
     return "\n".join(parts)
 
@@ -200,7 +201,7 @@ def _time_section(methods: dict) -> list[str]:
     return lines
 
 
-def _lossless_section(summary: dict) -> list[str]:
+def _lossless_section(summary: dict, dtype: str | None = None) -> list[str]:
     if not summary["baseline"]:
         return []
     if not summary["greedy"]:
@@ -224,11 +225,17 @@ def _lossless_section(summary: dict) -> list[str]:
                 details.append(f"- `{m}` q{d['question_id']} ({d['category']}) turn {d['turn']}, {d['unit']} "
                                f"{d['position']} (ar {d['baseline_token']!r} vs {d['token']!r}): ar "
                                f"`{_code(d['baseline_snippet'])}` vs `{_code(d['snippet'])}`")
+    if dtype in ("bfloat16", "float16"):
+        note = (f"This run is in {dtype}: a pass over several tokens rounds differently from a pass over one "
+                "(other matrix shapes, other kernels), and with 8 (bfloat16) or 11 (float16) mantissa bits that "
+                "flips near-tie argmaxes, so differences here are expected numerics, not lost exactness; run with "
+                "`--dtype float32` to check losslessness strictly.")
+    else:
+        note = ("In float32 a verispec method that differs from `ar` is a bug; an `hf-*` peer may still differ "
+                "where its passes have other shapes (e.g. the whole prompt at once) and a near-tie flips.")
     lines = ["## Losslessness (greedy)", "",
              "Share of questions whose output tokens (every turn) are identical to `ar`'s, and where each other "
-             "one first differs. Different numerics (batching shapes, kernels; bfloat16 especially) can flip a "
-             "near-tie argmax, so peers are not expected to match bit for bit; a verispec method that differs "
-             "under float32 is a bug.", "",
+             "one first differs. " + note, "",
              _table(["Method", "identical to ar", "first differences"], rows, align=":--"), ""]
     if details:
         lines += details + [""]

@@ -339,10 +339,10 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
     if pending:
         _check_prompt_lengths(pending, formatter, lm, config.max_new_tokens)
         needed = [m for m in config.methods if any(q.question_id not in done[m] for q in pending)]
-        _warm_up(runners, needed, pending[0], formatter, config, progress)
         first_of_task = _first_of_each_task(selected)
         units = sum(config.repeats for q in pending for m in config.methods if q.question_id not in done[m])
         try:
+            _warm_up(runners, needed, pending[0], formatter, config, progress)
             with _Progress(progress, units) as bar:
                 for number, q in enumerate(pending):
                     todo = [m for m in config.methods if q.question_id not in done[m]]
@@ -357,7 +357,7 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
             result.interrupted = True
             _say(True, f"interrupted: {result.skipped + result.ran} of {len(selected)} questions are saved in {out}; "
                        "rerun the same command to resume")
-    if report:
+    if report and any(read_answers(answer_path(out, m)) for m in config.methods):
         from .report import build_report
 
         result.report = build_report(out)

@@ -28,7 +28,11 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, ctx: DraftContext) -> TokenTree:
-        """A tree rooted at ctx.tokens[-1] with at most ctx.max_depth drafted nodes."""
+        """A tree rooted at ctx.tokens[-1], no deeper than ctx.max_depth."""
+
+    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int]) -> None:
+        """After verification: the target's logits over every node of the pass (auxiliary
+        nodes included) and what was committed. Drafters that learn from the target use it."""
 
 
 _REGISTRY: dict[str, Callable[..., Drafter]] = {}

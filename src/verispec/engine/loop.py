@@ -42,12 +42,14 @@ def speculative_decode(
         with timer.phase("target"):
             logits = target.forward_tree(tree)  # [n_nodes, vocab]
         with timer.phase("accept"):
-            verdict = rule.verify(tree, logits, sampling, rng)
+            verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
         target.commit([0, *verdict.accepted])
         new = [tree.tokens[i] for i in verdict.accepted] + [verdict.next_token]
         kinds = ["accepted"] * len(verdict.accepted) + [verdict.next_kind]
         stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
         new, kinds = new[:stop_at], kinds[:stop_at]
+        with timer.phase("draft"):
+            drafter.observe(tree, logits, verdict, new)
         stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
         tokens += new
         result.tokens += new

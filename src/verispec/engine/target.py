@@ -60,12 +60,29 @@ class CachedLM:
         return self._run(torch.tensor(tokens), logits_to_keep=1 if last_logits_only else 0)
 
     def forward_tree(self, tree: TokenTree) -> torch.Tensor:
-        """One pass over every tree node; logits [n_nodes, vocab], row i predicts node i's children."""
+        """One pass over every tree node (then any auxiliary nodes); logits [n_nodes + n_aux, vocab],
+        row i predicts node i's children."""
         self.begin_tree()
         if tree.is_chain:  # plain causal attention is exactly the chain's ancestor mask
             self._fed = list(range(len(tree)))
             return self._run(torch.tensor(tree.tokens))
+        if tree.aux_tokens:
+            return self._forward_with_aux(tree)
         return self.feed_nodes(tree.tokens, tree.parents, list(range(len(tree))))
+
+    def _forward_with_aux(self, tree: TokenTree) -> torch.Tensor:
+        _check_tree_support(self.model)
+        n, n_aux, start = len(tree), len(tree.aux_tokens), self._tree_start
+        visible = torch.zeros(n + n_aux, start + n + n_aux, dtype=torch.bool)
+        visible[:, :start] = True
+        visible[:n, start:start + n] = tree.ancestor_mask()
+        visible[n:, start:] = tree.aux_visible
+        positions = torch.tensor([*tree.depths, *tree.aux_positions])
+        masks = self._masks(visible, start + positions, start + positions)
+        ids = torch.tensor([*tree.tokens, *tree.aux_tokens])
+        logits = self._run(ids, position_ids=(start + positions)[None].to(self.device), attention_mask=masks)
+        self._fed = list(range(n + n_aux))
+        return logits
 
     def begin_tree(self, root_cached: bool = False) -> None:
         """Start a tree; root_cached: its root is the last cached token (a drafter's tree), not yet fed."""
@@ -91,15 +108,22 @@ class CachedLM:
         return logits
 
     def _tree_masks(self, parents, queries, keys, start, depths):
-        """Additive float masks [1, 1, len(queries), start + len(keys)]: 0 where visible, dtype min elsewhere."""
+        """Masks for tree nodes `queries` over the context and the tree nodes `keys`."""
         visible_tree = ancestor_matrix(parents)[queries][:, keys]
         visible = torch.cat([torch.ones(len(queries), start, dtype=torch.bool), visible_tree], dim=1)
+        query_pos = torch.tensor([start + depths[q] for q in queries])
+        key_pos = torch.tensor([start + depths[k] for k in keys])
+        return self._masks(visible, query_pos, key_pos)
+
+    def _masks(self, visible: torch.Tensor, query_pos: torch.Tensor, tree_key_pos: torch.Tensor):
+        """Additive float masks [1, 1, queries, start + tree keys]: 0 where visible, dtype min elsewhere.
+        Hybrid models get one per layer type: sliding layers also hide keys more than
+        `sliding_window` positions back."""
         if not self._hybrid:
             return self._additive(visible)
-        # sliding layers see only the last `sliding_window` positions, counted by position id
-        query_pos = torch.tensor([start + depths[q] for q in queries])[:, None]
-        key_pos = torch.cat([torch.arange(start), torch.tensor([start + depths[k] for k in keys])])[None]
-        in_window = (query_pos - key_pos) < self.sliding_window
+        start = visible.shape[1] - len(tree_key_pos)
+        key_pos = torch.cat([torch.arange(start), tree_key_pos])[None]
+        in_window = (query_pos[:, None] - key_pos) < self.sliding_window
         return {"full_attention": self._additive(visible), "sliding_attention": self._additive(visible & in_window)}
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:

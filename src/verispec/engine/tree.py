@@ -4,6 +4,11 @@ Node 0 is the root: the last committed token, whose key/value the target has not
 yet. Every other node is a drafted token whose parent index is smaller than its own, so
 the node list is already in topological order. A chain of k drafts is the tree
 parents = [-1, 0, 1, ..., k-1]; plain autoregressive decoding is the root alone.
+
+Auxiliary nodes (optional) ride along in the same target pass but are never verified or
+accepted: Lookahead decoding's Jacobi window is one. They come after the tree in the pass,
+at explicit positions (relative to the root's) and with explicit visibility; tree nodes
+never see them, and commit drops them.
 """
 from __future__ import annotations
 
@@ -21,12 +26,21 @@ class TokenTree:
     # distribution at its parent), [n_nodes, vocab]; row 0 is unused. None means the
     # drafter had no distribution (deterministic drafts: q is one-hot on the token).
     draft_probs: torch.Tensor | None = field(default=None, compare=False)
+    aux_tokens: tuple[int, ...] = ()
+    aux_positions: tuple[int, ...] = ()  # relative to the root's position
+    # [n_aux, n_nodes + n_aux] bool: which tree and auxiliary nodes each auxiliary node sees
+    # (the cached context is always visible)
+    aux_visible: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens:
             raise ValueError("a TokenTree needs a root and one parent index per token")
         if self.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(self.parents) if i):
             raise ValueError(f"parents must be -1 for the root and point to an earlier node: {self.parents}")
+        n_aux = len(self.aux_tokens)
+        if n_aux and (len(self.aux_positions) != n_aux or self.aux_visible is None
+                      or tuple(self.aux_visible.shape) != (n_aux, len(self.tokens) + n_aux)):
+            raise ValueError("auxiliary nodes need one position each and aux_visible of shape [n_aux, n_nodes + n_aux]")
 
     @classmethod
     def chain(cls, root: int, drafts: list[int] | tuple[int, ...] = (), draft_probs: torch.Tensor | None = None) -> "TokenTree":
@@ -42,7 +56,8 @@ class TokenTree:
 
     @cached_property
     def is_chain(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents))
+        """A plain chain (no auxiliary nodes): causal attention is exactly its mask."""
+        return not self.aux_tokens and all(p == i - 1 for i, p in enumerate(self.parents))
 
     @cached_property
     def depths(self) -> tuple[int, ...]:
