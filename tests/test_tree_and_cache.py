@@ -150,3 +150,19 @@ def test_auxiliary_nodes_ride_along_without_touching_the_tree(tiny):
 def test_aux_shape_is_checked():
     with pytest.raises(ValueError, match="auxiliary"):
         TokenTree((1, 2), (-1, 0), aux_tokens=(3,), aux_positions=(1,), aux_visible=torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_pending_context_goes_through_with_the_tree(tiny, chain):
+    """The first step folds the uncached prompt into the tree pass; logits are the tree's only."""
+    context = [3, 14, 15, 92, 65, 35]
+    lm = CachedLM(tiny.model)
+    lm.extend(context[:2])
+    tree = TokenTree.chain(context[-1], [11, 12]) if chain else TokenTree((context[-1], 11, 12, 13), (-1, 0, 0, 1))
+    logits = lm.forward_tree(tree, pending=context[2:-1])
+    assert logits.shape[0] == len(tree)
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        torch.testing.assert_close(logits[node], fresh_logits(tiny, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
+    lm.commit([0, 1])
+    assert lm.cached_len == len(context) + 1

@@ -30,17 +30,17 @@ def speculative_decode(
     target.reset()
     drafter.begin(prompt)
     tokens = list(prompt)
-    with timer.phase("prefill"):
-        if len(tokens) > 1:
-            target.extend(tokens[:-1])  # the cache holds all but the last token: the next tree's root
+    pending = tokens[:-1]  # the prompt goes through the target with the first tree; then the
+    # cache always holds every committed token but the last one, the next tree's root
     while len(result.tokens) < max_new_tokens:
         ctx = DraftContext(tokens, max_new_tokens - len(result.tokens) - 1, sampling, rng)
         with timer.phase("draft"):
             tree = drafter.propose(ctx)
         if max(tree.depths) > ctx.max_depth:
             raise RuntimeError(f"{type(drafter).__name__} drafted {max(tree.depths)} deep, over the step's limit {ctx.max_depth}")
-        with timer.phase("target"):
-            logits = target.forward_tree(tree)  # [n_nodes, vocab]
+        with timer.phase("prefill" if pending else "target"):
+            logits = target.forward_tree(tree, pending)  # [n_nodes (+ aux), vocab]
+        pending = []
         with timer.phase("accept"):
             verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
         target.commit([0, *verdict.accepted])

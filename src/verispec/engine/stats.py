@@ -13,7 +13,7 @@ PHASES = ("prefill", "draft", "target", "accept")
 @dataclass
 class GenerationStats:
     new_tokens: int = 0
-    target_passes: int = 0  # verification passes; the prompt prefill is not counted
+    target_passes: int = 0  # verification passes; the first also reads the prompt (its time is "prefill")
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per target pass

@@ -59,30 +59,34 @@ class CachedLM:
         """Append tokens to the cache (a prefill, or catching up); logits [1 or len, vocab]."""
         return self._run(torch.tensor(tokens), logits_to_keep=1 if last_logits_only else 0)
 
-    def forward_tree(self, tree: TokenTree) -> torch.Tensor:
-        """One pass over every tree node (then any auxiliary nodes); logits [n_nodes + n_aux, vocab],
-        row i predicts node i's children."""
-        self.begin_tree()
-        if tree.is_chain:  # plain causal attention is exactly the chain's ancestor mask
-            self._fed = list(range(len(tree)))
-            return self._run(torch.tensor(tree.tokens))
-        if tree.aux_tokens:
-            return self._forward_with_aux(tree)
-        return self.feed_nodes(tree.tokens, tree.parents, list(range(len(tree))))
+    def forward_tree(self, tree: TokenTree, pending: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+        """One pass over `pending` context tokens (not yet cached: the prompt, on the first
+        step), then every tree node, then any auxiliary nodes. Returns logits for the tree
+        and auxiliary nodes only, [n_nodes + n_aux, vocab]; row i predicts node i's children.
 
-    def _forward_with_aux(self, tree: TokenTree) -> torch.Tensor:
+        Folding the prompt into the first verification pass is what model.generate does
+        too: the first token then comes from the same computation (which matters in
+        bfloat16), and drafts are verified already on the first step.
+        """
+        base, n_pending = self.cached_len, len(pending)
+        n, n_aux = len(tree), len(tree.aux_tokens)
+        self._tree_start, self._fed = base + n_pending, list(range(n + n_aux))
+        ids = torch.tensor([*pending, *tree.tokens, *tree.aux_tokens])
+        if tree.is_chain:  # plain causal attention is exactly the chain's ancestor mask
+            return self._run(ids, logits_to_keep=n)
         _check_tree_support(self.model)
-        n, n_aux, start = len(tree), len(tree.aux_tokens), self._tree_start
-        visible = torch.zeros(n + n_aux, start + n + n_aux, dtype=torch.bool)
-        visible[:, :start] = True
-        visible[:n, start:start + n] = tree.ancestor_mask()
-        visible[n:, start:] = tree.aux_visible
-        positions = torch.tensor([*tree.depths, *tree.aux_positions])
-        masks = self._masks(visible, start + positions, start + positions)
-        ids = torch.tensor([*tree.tokens, *tree.aux_tokens])
-        logits = self._run(ids, position_ids=(start + positions)[None].to(self.device), attention_mask=masks)
-        self._fed = list(range(n + n_aux))
-        return logits
+        total = n_pending + n + n_aux
+        visible = torch.zeros(total, base + total, dtype=torch.bool)
+        visible[:, :base] = True
+        visible[:n_pending, base:base + n_pending] = torch.tril(torch.ones(n_pending, n_pending, dtype=torch.bool))
+        visible[n_pending:, base:base + n_pending] = True
+        tree_start = base + n_pending
+        visible[n_pending:n_pending + n, tree_start:tree_start + n] = tree.ancestor_mask()
+        if n_aux:
+            visible[n_pending + n:, tree_start:] = tree.aux_visible
+        positions = torch.cat([torch.arange(base, tree_start), tree_start + torch.tensor([*tree.depths, *tree.aux_positions])])
+        masks = self._masks(visible, positions, positions)
+        return self._run(ids, logits_to_keep=n + n_aux, position_ids=positions[None].to(self.device), attention_mask=masks)
 
     def begin_tree(self, root_cached: bool = False) -> None:
         """Start a tree; root_cached: its root is the last cached token (a drafter's tree), not yet fed."""
