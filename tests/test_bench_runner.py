@@ -333,3 +333,13 @@ def test_universal_assisted_peer_with_another_tokenizer():
 def test_assisted_peer_refuses_another_vocabulary(tiny_lm):
     with pytest.raises(ValueError, match="use hf-universal"):
         peers.HFPeer("hf-assisted", tiny_lm, draft=tiny_llama(vocab=80))
+
+
+def test_method_variants_by_label(tiny):
+    from verispec.bench.runner import base_method, build_method
+
+    assert base_method("draft-model@static") == "draft-model" and base_method("ar") == "ar"
+    variant = build_method("prompt-lookup@short", tiny, {"k": 3})
+    assert variant.generator.drafter.k == 3
+    with pytest.raises(ValueError, match="NAME@LABEL"):
+        build_method("nope@x", tiny, {})

@@ -153,21 +153,28 @@ def takes_draft(method: str) -> bool:
     return cls is not None and "draft" in inspect.signature(cls.__init__).parameters
 
 
+def base_method(name: str) -> str:
+    """"draft-model@static" -> "draft-model": a label after @ names a variant of a method,
+    so one run can compare several settings of it (options go to --option LABELLED.key=v)."""
+    return name.partition("@")[0]
+
+
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
                  universal_draft: Any | None = None):
     from ..drafters import methods as verispec_methods
 
-    if is_peer(name):
-        chosen = (universal_draft or draft) if name == "hf-universal" else draft
-        return HFPeer(name, lm, draft=chosen, **options)
-    if name not in verispec_methods():
-        raise ValueError(f"unknown method {name!r}; verispec methods: {', '.join(verispec_methods())}; "
-                         f"peers: {', '.join(PEERS)}")
+    base = base_method(name)
+    if is_peer(base):
+        chosen = (universal_draft or draft) if base == "hf-universal" else draft
+        return HFPeer(base, lm, draft=chosen, **options)
+    if base not in verispec_methods():
+        raise ValueError(f"unknown method {base!r}; verispec methods: {', '.join(verispec_methods())}; "
+                         f"peers: {', '.join(PEERS)} (NAME@LABEL runs a variant of NAME)")
     options = dict(options)
-    chosen = universal_draft if name == "universal" and universal_draft is not None else draft
-    if takes_draft(name) and "draft" not in options and chosen is not None:
+    chosen = universal_draft if base == "universal" and universal_draft is not None else draft
+    if takes_draft(base) and "draft" not in options and chosen is not None:
         options["draft"] = chosen
-    return VerispecMethod(name, lm, **options)
+    return VerispecMethod(base, lm, **options)
 
 
 def load_draft(spec: str, lm: Any, dtype: str, device: str):
