@@ -131,12 +131,19 @@ def _bench_parser(sub) -> None:
     bench_cli.add_parser(sub)
 
 
+def _datastore_parser(sub) -> None:
+    from .datastore import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding for Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _models_parser(sub)
     _bench_parser(sub)
+    _datastore_parser(sub)
     sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
     return parser
 

@@ -2,6 +2,6 @@
 from .base import DraftContext, Drafter, make_drafter, methods, register
 
 # Importing the modules registers their methods.
-from . import autoregressive, draft_model, prompt_lookup  # noqa: E402,F401
+from . import autoregressive, draft_model, prompt_lookup, recycling, retrieval  # noqa: E402,F401
 
 __all__ = ["DraftContext", "Drafter", "make_drafter", "methods", "register"]
