@@ -125,3 +125,10 @@ def test_summary_groups_tasks_like_spec_bench():
     # sampled runs: losslessness is not applicable
     assert metrics.summarize({"ar": ar, "prompt-lookup": pl}, greedy=False)["methods"]["prompt-lookup"]["overall"][
         "lossless"] is None
+
+
+def test_lossy_rule_is_flagged_in_reports():
+    from verispec.bench.report import lossy_methods
+
+    run = {"options": {"draft-model@typ": {"rule": "typical"}, "prompt-lookup": {"k": 5}, "ar": {}}}
+    assert lossy_methods(run) == {"draft-model@typ"}

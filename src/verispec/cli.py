@@ -30,6 +30,11 @@ def _generate_parser(sub) -> None:
     p.add_argument("--method", default="prompt-lookup", help=f"one of: {', '.join(verispec.methods())}")
     p.add_argument("--draft", help="draft model (zoo name or directory) for draft-model")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--rule", default="auto",
+                   help="verification rule: auto (lossless: greedy at temperature 0, else speculative sampling) "
+                        "or typical (Medusa's typical acceptance; LOSSY: changes the output distribution)")
+    p.add_argument("--rule-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="rule option, e.g. epsilon=0.09 delta=0.3 for typical")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -53,7 +58,8 @@ def cmd_generate(args) -> int:
         options["draft"] = verispec.load_model(args.draft, dtype=args.dtype, device=args.device)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, chat=args.chat)
-    gen = verispec.SpeculativeGenerator(lm, method=args.method, **options)
+    gen = verispec.SpeculativeGenerator(lm, method=args.method, rule=args.rule,
+                                        rule_options=parse_options(args.rule_option), **options)
     gen.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})  # warm-up
     out = gen.generate(args.prompt, **sampling)
     base = None

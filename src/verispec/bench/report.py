@@ -74,6 +74,11 @@ def _speedup_cell(m: dict | None) -> str:
     return cell
 
 
+def lossy_methods(run: dict) -> set[str]:
+    """Methods run with a lossy verification rule (typical acceptance): flagged wherever shown."""
+    return {m for m, opts in (run.get("options") or {}).items() if (opts or {}).get("rule") == "typical"}
+
+
 def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str]) -> str:
     tasks = summary["tasks"]
     methods = summary["methods"]
@@ -91,10 +96,11 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
                   "(questions in brackets), as in Spec-Bench's leaderboard."
                   + (" With repeats: median over repeats of each turn's wall time; (min–max) of the per-repeat "
                      "speedups." if int(run.get("repeats", 1) or 1) > 1 else ""), ""]
-        rows = []
+        rows, lossy = [], lossy_methods(run)
         for m, per in methods.items():
             overall = per.get(metrics.OVERALL) or {}
-            rows.append([f"`{m}`"] + [_speedup_cell(per.get(t)) for t in tasks]
+            name = f"`{m}` (LOSSY: typical acceptance)" if m in lossy else f"`{m}`"
+            rows.append([name] + [_speedup_cell(per.get(t)) for t in tasks]
                         + [_fmt(overall.get("mean_accepted_tokens")), f"**{_speedup_cell(overall)}**"])
         parts += [_table(["Method"] + titles + ["#Mean Accepted Tokens", "Overall"], rows), ""]
     else:
