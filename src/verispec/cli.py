@@ -143,6 +143,12 @@ def _datastore_parser(sub) -> None:
     add_parser(sub)
 
 
+def _calibrate_parser(sub) -> None:
+    from .calibrate import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding for Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _models_parser(sub)
     _bench_parser(sub)
     _datastore_parser(sub)
+    _calibrate_parser(sub)
     sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
     return parser
 

@@ -2,6 +2,8 @@
 from .base import DraftContext, Drafter, make_drafter, methods, register
 
 # Importing the modules registers their methods.
-from . import autoregressive, draft_model, prompt_lookup, recycling, retrieval  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    autoregressive, draft_model, layer_skip, lookahead, prompt_lookup, recycling, retrieval, universal,
+)
 
 __all__ = ["DraftContext", "Drafter", "make_drafter", "methods", "register"]
