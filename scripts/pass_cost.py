@@ -2,7 +2,7 @@
 
 This is the room speculative decoding has: a draft of n tokens is worth verifying when
 the tokens it adds per pass outweigh this ratio. Usage:
-    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300]
+    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300] [--threads 1]
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = verispec.load_model(args.model, dtype=args.dtype)
     lm = CachedLM(loaded.model)
     context = [(13 * i) % 5000 + 100 for i in range(args.context)]

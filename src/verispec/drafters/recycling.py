@@ -49,14 +49,15 @@ RANK_ACCEPT = (0.40, 0.08, 0.06, 0.03, 0.02, 0.015, 0.012, 0.01)
 @register("recycling")
 class Recycling(Drafter):
     """Options: k (successors kept per token), tree (static shape as a list of rank paths; default
-    default_tree(): 64 nodes, depth 6), warm_start (prompt bigrams fill empty rows), persist
+    default_tree(nodes)), nodes (size of the default shape: 24, since on a CPU a target pass over
+    24 new tokens already costs ~1.5x one over a single token; GPUs afford the paper's ~64), warm_start (prompt bigrams fill empty rows), persist
     (keep the matrix across generations)."""
 
-    def __init__(self, target, k: int = 8, tree: Sequence[Sequence[int]] | None = None, warm_start: bool = True,
-                 persist: bool = True):
+    def __init__(self, target, k: int = 8, tree: Sequence[Sequence[int]] | None = None, nodes: int = 24,
+                 warm_start: bool = True, persist: bool = True):
         if k < 1:
             raise ValueError(f"recycling needs k >= 1, got {k}")
-        tree = default_tree(k=k) if tree is None else tree
+        tree = default_tree(nodes=nodes, k=k) if tree is None else tree
         parents, ranks = static_shape(tree)
         if max(ranks) >= k:
             raise ValueError(f"the tree uses successor rank {max(ranks)}, but only k={k} successors are kept per token")
