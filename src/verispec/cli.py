@@ -29,6 +29,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local Hugging Face directory")
     p.add_argument("--method", default="prompt-lookup", help=f"one of: {', '.join(verispec.methods())}")
     p.add_argument("--draft", help="draft model (zoo name or directory) for draft-model")
+    p.add_argument("--drafter", metavar="DIR", help="trained heads for medusa / eagle (a 'verispec train' output)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--rule", default="auto",
                    help="verification rule: auto (lossless: greedy at temperature 0, else speculative sampling) "
@@ -56,6 +57,8 @@ def cmd_generate(args) -> int:
     options = parse_options(args.option)
     if args.draft:
         options["draft"] = verispec.load_model(args.draft, dtype=args.dtype, device=args.device)
+    if args.drafter:
+        options["drafter"] = args.drafter
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, chat=args.chat)
     gen = verispec.SpeculativeGenerator(lm, method=args.method, rule=args.rule,
@@ -143,6 +146,12 @@ def _datastore_parser(sub) -> None:
     add_parser(sub)
 
 
+def _train_parser(sub) -> None:
+    from .training.cli import add_parser
+
+    add_parser(sub)
+
+
 def _calibrate_parser(sub) -> None:
     from .calibrate import add_parser
 
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _datastore_parser(sub)
     _calibrate_parser(sub)
+    _train_parser(sub)
     sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
     return parser
 

@@ -23,6 +23,10 @@ class DraftContext:
 
 
 class Drafter(ABC):
+    # True: the loop captures the target's features (last hidden states after the final
+    # norm) and hands observe() those of every token it commits
+    needs_features = False
+
     def begin(self, prompt: list[int]) -> None:
         """Called once before each generation."""
 
@@ -30,9 +34,13 @@ class Drafter(ABC):
     def propose(self, ctx: DraftContext) -> TokenTree:
         """A tree rooted at ctx.tokens[-1], no deeper than ctx.max_depth."""
 
-    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int]) -> None:
+    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int],
+                features: torch.Tensor | None = None) -> None:
         """After verification: the target's logits over every node of the pass (auxiliary
-        nodes included) and what was committed. Drafters that learn from the target use it."""
+        nodes included) and what was committed. Drafters that learn from the target use it.
+        features (only if needs_features): the target's features of the tokens this pass
+        put in its cache, in order: the prompt but its last token (first pass only), the
+        tree root, the accepted nodes; every committed token but the newest has one then."""
 
 
 _REGISTRY: dict[str, Callable[..., Drafter]] = {}

@@ -172,7 +172,8 @@ class Lookahead(Drafter):
         tokens, positions, visible = self.window.aux_nodes(len(tree))
         return TokenTree(tree.tokens, tree.parents, aux_tokens=tokens, aux_positions=positions, aux_visible=visible)
 
-    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int]) -> None:
+    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int],
+                features: torch.Tensor | None = None) -> None:
         if not self._window_in_pass or not new_tokens:
             return
         rows = self.window.output_rows(len(tree))

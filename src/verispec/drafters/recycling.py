@@ -105,7 +105,8 @@ class Recycling(Drafter):
         parents = np.where(keep == 0, -1, new_index[self.parents[keep]])
         return TokenTree(tuple(tokens[keep].tolist()), tuple(parents.tolist()))
 
-    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int]) -> None:
+    def observe(self, tree: TokenTree, target_logits: torch.Tensor, verdict, new_tokens: list[int],
+                features: torch.Tensor | None = None) -> None:
         """Row t of the matrix <- the target's top-k after every node holding token t. When a
         token sits at several nodes, the accepted path's (its context is the true one) wins."""
         n = len(tree)

@@ -28,6 +28,8 @@ def speculative_decode(
     stats, timer = result.stats, PhaseTimer(result.stats, target.device)
     start = time.perf_counter()
     target.reset()
+    if getattr(drafter, "needs_features", False):
+        target.capture_features()
     drafter.begin(prompt)
     tokens = list(prompt)
     pending = tokens[:-1]  # the prompt goes through the target with the first tree; then the
@@ -40,7 +42,6 @@ def speculative_decode(
             raise RuntimeError(f"{type(drafter).__name__} drafted {max(tree.depths)} deep, over the step's limit {ctx.max_depth}")
         with timer.phase("prefill" if pending else "target"):
             logits = target.forward_tree(tree, pending)  # [n_nodes (+ aux), vocab]
-        pending = []
         with timer.phase("accept"):
             verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
         target.commit([0, *verdict.accepted])
@@ -49,7 +50,8 @@ def speculative_decode(
         stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
         new, kinds = new[:stop_at], kinds[:stop_at]
         with timer.phase("draft"):
-            drafter.observe(tree, logits, verdict, new)
+            drafter.observe(tree, logits, verdict, new, _committed_features(target, drafter, len(pending), verdict))
+        pending = []
         stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
         tokens += new
         result.tokens += new
@@ -58,3 +60,11 @@ def speculative_decode(
             break
     stats.wall_time_s = time.perf_counter() - start
     return result
+
+
+def _committed_features(target: CachedLM, drafter, n_pending: int, verdict) -> torch.Tensor | None:
+    """The target's features of the pending context, the root and the accepted path."""
+    if not getattr(drafter, "needs_features", False):
+        return None
+    rows = [*range(n_pending), *(n_pending + i for i in [0, *verdict.accepted])]
+    return target.features[rows]

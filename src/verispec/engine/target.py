@@ -30,6 +30,18 @@ class CachedLM:
         self.cache = self._new_cache()
         self._tree_start = 0  # cache length when the current tree began
         self._fed: list[int] = []  # tree nodes in the cache after _tree_start, in cache order
+        self.features: torch.Tensor | None = None  # see capture_features
+        self._feature_hook = None
+
+    def capture_features(self) -> None:
+        """From now on keep, after each pass, the target's features for every input position
+        of that pass: the last hidden states, after the final norm, i.e. what the LM head
+        reads ([positions, hidden]). Feature drafters (Medusa, EAGLE) draft from them.
+        A hook on the base model sees every position, not only the rows whose logits are kept."""
+        if self._feature_hook is None:
+            def keep(module, args, output):
+                self.features = output[0][0].detach()
+            self._feature_hook = self.model.base_model.register_forward_hook(keep)
 
     def _new_cache(self) -> DynamicCache:
         # Without the config every layer keeps all positions: sliding-window layers then
