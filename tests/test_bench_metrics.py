@@ -132,3 +132,13 @@ def test_lossy_rule_is_flagged_in_reports():
 
     run = {"options": {"draft-model@typ": {"rule": "typical"}, "prompt-lookup": {"k": 5}, "ar": {}}}
     assert lossy_methods(run) == {"draft-model@typ"}
+
+
+def test_target_pass_cost_excludes_the_prefill_pass():
+    # turn 1: 3 passes (prefill + 2) over 6 tokens; turn 2: 2 passes (prefill + 1)
+    a = rec(1, "writing", [6, 2], [1.0, 1.0], time_s=[{"prefill": 0.5, "draft": 0.0, "target": 0.08, "accept": 0.0},
+                                                     {"prefill": 0.5, "draft": 0.0, "target": 0.04, "accept": 0.0}])
+    a["verispec"]["kinds"] = [["bonus", "accepted", "accepted", "recovered", "accepted", "bonus"], ["target", "bonus"]]
+    assert metrics.target_pass_ms([a]) == pytest.approx(1000 * 0.12 / 3)
+    del a["verispec"]["kinds"]  # a record without per-token kinds cannot say
+    assert metrics.target_pass_ms([a]) is None

@@ -141,6 +141,22 @@ def time_split(records: list[dict]) -> dict[str, Any] | None:
     return result
 
 
+def target_pass_ms(records: list[dict]) -> float | None:
+    """Mean wall time of one verification pass after the first (the prefill), in ms: what a
+    method's trees cost the target, to compare with ar's one-token pass. A pass ends every
+    step with one token of the target's own (bonus / recovered / target kind)."""
+    time_s = passes = 0.0
+    for r in records:
+        v = r.get("verispec")
+        if v is None or "kinds" not in v:
+            return None
+        for kinds, t in zip(v["kinds"], v["time_s"]):
+            n = sum(k != "accepted" for k in kinds) - 1
+            if n > 0 and t.get("target") is not None:
+                time_s, passes = time_s + t["target"], passes + n
+    return 1000 * time_s / passes if passes else None
+
+
 def first_difference(a: list, b: list) -> int | None:
     """Index of the first differing element (the shorter length if one is a prefix), None if equal."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -218,6 +234,7 @@ def group_metrics(records: list[dict], baseline: list[dict] | None, greedy: bool
         "mean_accepted_tokens": mean_accepted_tokens(records),
         "acceptance": acceptance_per_position(records),
         "time_split": time_split(records),
+        "target_pass_ms": target_pass_ms(records),
     }
     if baseline is not None:
         result.update(speedup(records, baseline))

@@ -120,7 +120,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += [_table(["Method"] + titles + ["Overall"], rows), ""]
 
     parts += _acceptance_section(methods)
-    parts += _time_section(methods)
+    parts += _time_section(methods, summary["baseline"])
     parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"))
     parts += _trace_section(out, methods, tasks)
     if charts:
@@ -186,21 +186,25 @@ def _acceptance_section(methods: dict) -> list[str]:
             "", _table(["Method"] + [str(i + 1) for i in range(width)] + ["accepted/drafted"], rows), ""]
 
 
-def _time_section(methods: dict) -> list[str]:
+def _time_section(methods: dict, baseline: str | None = None) -> list[str]:
     rows = []
     footnote = False
+    base_ms = ((methods.get(baseline) or {}).get(metrics.OVERALL) or {}).get("target_pass_ms") if baseline else None
     for m, per in methods.items():
         split = (per.get(metrics.OVERALL) or {}).get("time_split")
+        ms = (per.get(metrics.OVERALL) or {}).get("target_pass_ms")
+        pass_cell = "n/a" if ms is None else f"{ms:.1f} ms" + (f" ({ms / base_ms:.2f}x)" if base_ms else "")
         if split is None:
-            rows.append([f"`{m}`"] + ["n/a"] * 4)
+            rows.append([f"`{m}`"] + ["n/a"] * 4 + [pass_cell])
             continue
         other = _fmt(split["other"], "{:.0%}")
         if split["unmeasured"]:
             other += "*"
             footnote = True
-        rows.append([f"`{m}`"] + [_fmt(split[k], "{:.0%}") for k in ("draft", "target", "accept")] + [other])
+        rows.append([f"`{m}`"] + [_fmt(split[k], "{:.0%}") for k in ("draft", "target", "accept")] + [other, pass_cell])
     lines = ["## Where the time goes (all tasks, share of wall time)", "",
-             _table(["Method", "draft", "target passes (prefill included)", "acceptance", "other"], rows), ""]
+             _table(["Method", "draft", "target passes (prefill included)", "acceptance", "other",
+                     "one verification pass (vs ar's one-token pass)"], rows), ""]
     if footnote:
         lines += ["\\* includes the phases that method does not expose (n/a): for `hf-*` peers only the target's "
                   "(and an assistant model's) forward passes are timed, with forward hooks.", ""]

@@ -3,7 +3,8 @@ from .base import DraftContext, Drafter, make_drafter, methods, register
 
 # Importing the modules registers their methods.
 from . import (  # noqa: E402,F401
-    autoregressive, draft_model, layer_skip, lookahead, prompt_lookup, recycling, retrieval, universal,
+    autoregressive, draft_model, eagle, layer_skip, lookahead, medusa, prompt_lookup, recycling, retrieval,
+    universal,
 )
 
 __all__ = ["DraftContext", "Drafter", "make_drafter", "methods", "register"]

@@ -65,11 +65,13 @@ class CachedLM:
                 input_ids=ids.to(self.device)[None], past_key_values=self.cache,
                 use_cache=True, logits_to_keep=logits_to_keep, **extra,
             )
+        self.last_output = out  # a draft head's other outputs (EAGLE: the predicted features)
         return out.logits[0]
 
-    def extend(self, tokens: list[int], last_logits_only: bool = True) -> torch.Tensor:
-        """Append tokens to the cache (a prefill, or catching up); logits [1 or len, vocab]."""
-        return self._run(torch.tensor(tokens), logits_to_keep=1 if last_logits_only else 0)
+    def extend(self, tokens: list[int], last_logits_only: bool = True, **extra) -> torch.Tensor:
+        """Append tokens to the cache (a prefill, or catching up); logits [1 or len, vocab].
+        extra: more model inputs (an EAGLE head's features)."""
+        return self._run(torch.tensor(tokens), logits_to_keep=1 if last_logits_only else 0, **extra)
 
     def forward_tree(self, tree: TokenTree, pending: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
         """One pass over `pending` context tokens (not yet cached: the prompt, on the first
@@ -107,7 +109,7 @@ class CachedLM:
         else:
             self._tree_start, self._fed = self.cached_len, []
 
-    def feed_nodes(self, tokens, parents, nodes: list[int]) -> torch.Tensor:
+    def feed_nodes(self, tokens, parents, nodes: list[int], **extra) -> torch.Tensor:
         """Add tree nodes (whose ancestors are already fed or among `nodes`) to the cache; logits [len(nodes), vocab].
 
         tokens/parents describe the tree so far (parents[0] == -1 is the root); this lets a
@@ -119,7 +121,7 @@ class CachedLM:
         start = self._tree_start
         masks = self._tree_masks(parents, nodes, keys, start, depths)
         positions = torch.tensor([start + depths[i] for i in nodes])[None].to(self.device)
-        logits = self._run(torch.tensor([tokens[i] for i in nodes]), position_ids=positions, attention_mask=masks)
+        logits = self._run(torch.tensor([tokens[i] for i in nodes]), position_ids=positions, attention_mask=masks, **extra)
         self._fed = keys
         return logits
 

@@ -39,12 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-features", action="store_true", help="skip the target's features (draft-model only)")
     p.set_defaults(func=cmd_data)
     for name, module in TRAINERS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # FIXME(dev): every trainer exists before this lands
-            if e.name != module:
-                raise
-            continue
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0])
         add_common(p)
         p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")

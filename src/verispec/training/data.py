@@ -99,16 +99,36 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b:b + batch_size]
             sequences += [p + a for p, a in zip(batch, generate_answers(lm, batch, max_new_tokens))]
-        record = {"ids": [torch.tensor(s) for s in sequences], "prompt_lens": [len(p) for p in chunk]}
-        if features:
-            record["features"] = [f for b in range(0, len(sequences), batch_size)
-                                  for f in target_features(lm.model, sequences[b:b + batch_size])]
-        tmp = path.with_suffix(".tmp")
-        torch.save(record, tmp)
-        tmp.rename(path)  # a chunk is either whole or absent: an interrupted build resumes cleanly
+        write_chunk(path, lm.model, sequences, [len(p) for p in chunk], features, batch_size)
         if progress:
             done = c + 1
             print(f"[data] chunk {done}/{n_chunks}  {time.perf_counter() - start:.0f}s", flush=True)
+    return out
+
+
+def write_chunk(path: Path, model: torch.nn.Module, sequences: list[list[int]], prompt_lens: list[int],
+                features: bool = True, batch_size: int = 16) -> None:
+    """One chunk file; written whole or not at all, so an interrupted build resumes cleanly."""
+    record = {"ids": [torch.tensor(s) for s in sequences], "prompt_lens": list(prompt_lens)}
+    if features:
+        record["features"] = [f for b in range(0, len(sequences), batch_size)
+                              for f in target_features(model, sequences[b:b + batch_size])]
+    tmp = path.with_suffix(".tmp")
+    torch.save(record, tmp)
+    tmp.rename(path)
+
+
+def write_dataset(lm: Any, out: str | Path, sequences: list[list[int]], prompt_lens: list[int],
+                  chunk_size: int = 64, features: bool = True, **manifest) -> Path:
+    """A dataset from given sequences (e.g. made by other means, or for tests)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_manifest(out, {"model": getattr(lm, "name", "?"), "tokenizer": tokenizer_identity(lm),
+                                   "n_samples": len(sequences), "features": features, "chunk_size": chunk_size,
+                                   "hidden_size": lm.model.config.hidden_size, **manifest})
+    for c in range(0, len(sequences), chunk_size):
+        write_chunk(out / f"chunk-{c // chunk_size:05d}.pt", lm.model, sequences[c:c + chunk_size],
+                    prompt_lens[c:c + chunk_size], features)
     return out
 
 

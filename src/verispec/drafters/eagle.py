@@ -1,0 +1,95 @@
+"""`eagle`: an EAGLE head drafts from the target's own features (Li et al. 2024; EAGLE-2's
+dynamic trees by default).
+
+The head keeps a KV cache over pairs (feature_j, token_{j+1}) of the committed text: the
+loop hands observe() the target's features of every token it commits, so after each step
+the head catches up on the new pairs, the last of which (feature of the last accepted
+token, the new root token) predicts the root's children. Deeper nodes read the feature
+the head predicted at their parent. Trees grow through the same CachedLM tree path as a
+draft model's, and are dropped from the head's cache after each step.
+
+Options: drafter (a 'verispec train eagle' directory; default: the model's cached one),
+tree ("dynamic" (EAGLE-2: depth, top_k, budget), "chain" (k), or a static shape of rank
+paths), children (static trees when sampling), draft_vocab (draft over the N tokens most
+frequent in the training data only: the LM-head product over 49k tokens is most of a
+small head's cost; 0 = the full vocabulary).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..datastore import tokenizer_identity
+from ..engine.target import CachedLM
+from ..engine.tree import TokenTree
+from ..heads.eagle import load_eagle
+from .base import DraftContext, Drafter, register
+from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
+
+
+def default_drafter_dir(target, kind: str) -> Path:
+    from ..models import verispec_home
+    return verispec_home() / "drafters" / Path(getattr(target, "name", "model")).name / kind
+
+
+@register("eagle")
+class EagleDrafter(Drafter):
+    needs_features = True
+
+    def __init__(self, target, drafter=None, tree="dynamic", k: int = 5, depth: int = 6, top_k: int = 4,
+                 budget: int = 20, children: str = "topk", draft_vocab: int = 8192):
+        path = Path(drafter) if drafter else default_drafter_dir(target, "eagle")
+        if drafter is None and not path.exists():
+            raise ValueError(f"method 'eagle' needs a trained head: pass drafter=DIR (CLI: --drafter DIR), or train "
+                             f"the default one with 'verispec train eagle --model {getattr(target, 'name', 'M')} "
+                             f"--out {path}'")
+        if min(k, depth, top_k, budget) < 1 or draft_vocab < 0:
+            raise ValueError("eagle needs k, depth, top_k, budget >= 1 and draft_vocab >= 0")
+        if children not in CHILD_MODES:
+            raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
+        self.head = load_eagle(path, target.model, tokenizer_identity(target), draft_vocab or None)
+        self.lm = CachedLM(self.head)
+        self.dynamic = tree == "dynamic"
+        chain = [[0] * d for d in range(1, int(k) + 1)]
+        self.shape = None if self.dynamic else static_shape(chain if tree in (None, "chain") else tree)
+        self.depth, self.top_k, self.budget, self.children = int(depth), int(top_k), int(budget), children
+
+    def begin(self, prompt: list[int]) -> None:
+        self.lm.reset()
+        self.features: torch.Tensor | None = None  # target features of committed tokens, in order
+        self.fed = 0  # pairs in the head's cache
+        self.node_hidden: dict[int, torch.Tensor] = {}
+
+    def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
+        self.features = features if self.features is None else torch.cat([self.features, features])
+
+    def propose(self, ctx: DraftContext) -> TokenTree:
+        n = 0 if self.features is None else len(self.features)  # every committed token but the root
+        if ctx.max_depth == 0 or n == 0:  # the first pass (the prompt) gives the first features
+            return TokenTree.chain(ctx.tokens[-1])
+        root_logits = self._catch_up(ctx.tokens, n)
+        self.lm.begin_tree(root_cached=True)
+        if self.dynamic:
+            tree = grow_dynamic(ctx.tokens[-1], root_logits, self._expand, ctx.max_depth, self.depth, self.top_k,
+                                self.budget)
+        else:
+            tree = grow_static(ctx.tokens[-1], root_logits, self.shape, self._expand, ctx.sampling, ctx.rng,
+                               ctx.max_depth, self.children)
+        self.lm.crop(self.fed)
+        return tree
+
+    def _catch_up(self, tokens: list[int], n: int) -> torch.Tensor:
+        """Feed the pairs (feature_j, token_{j+1}) for j = fed .. n-1; logits after the last one."""
+        logits = self.lm.extend(tokens[self.fed + 1:n + 1], features=self.features[None, self.fed:n])[-1]
+        self.fed = n
+        self.node_hidden = {0: self.lm.last_output.hidden[0, -1]}
+        return logits
+
+    def _expand(self, tokens: list[int], parents: list[int], nodes: list[int]) -> torch.Tensor:
+        feats = torch.stack([self.node_hidden[parents[i]] for i in nodes])
+        logits = self.lm.feed_nodes(tokens, parents, nodes, features=feats[None])
+        hidden = self.lm.last_output.hidden[0]
+        for row, node in enumerate(nodes):
+            self.node_hidden[node] = hidden[row]
+        return logits
