@@ -337,13 +337,10 @@ def test_training_learns_the_targets_continuations(tiny):
 
 @pytest.mark.real
 def test_real_trained_heads_are_lossless():
-    from verispec.models import verispec_home
+    from verispec.heads import find_drafter
 
-    directory = verispec_home() / "drafters" / "smollm2-135m-instruct" / "medusa"
-    if not (directory / "config.json").exists():
-        pytest.skip(f"no trained Medusa heads at {directory} (make them with 'verispec train medusa "
-                    f"--model smollm2-135m-instruct --out {directory}')")
     lm = verispec.load_model("smollm2-135m-instruct", dtype="float32")
+    directory = find_drafter(lm, "medusa", "verispec train medusa")  # the cached or the shipped heads
     gen = SpeculativeGenerator(lm, method="medusa", drafter=directory)
     accepted = []
     for text in ["Explain how a bicycle gear works.", "Write a haiku about autumn rain.",

@@ -70,7 +70,11 @@ STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 
     ("draft-model", {"k": 4}),
     ("draft-model", {"tree": STATIC_TREE}),
     ("draft-model", {"tree": "dynamic", "depth": 4, "top_k": 3, "budget": 12}),
-], ids=["ar", "prompt-lookup", "draft-chain", "draft-static-tree", "draft-dynamic-tree"])
+    ("eagle", {}),  # the trained head shipped in drafters/ (EAGLE-2 dynamic tree, draft vocabulary 8192)
+    ("eagle", {"tree": "chain", "k": 4}),
+    ("medusa", {}),  # the trained heads shipped in drafters/
+], ids=["ar", "prompt-lookup", "draft-chain", "draft-static-tree", "draft-dynamic-tree", "eagle-dynamic",
+        "eagle-chain", "medusa"])
 def test_greedy_equals_hf_generate(smol, cases, small_draft, method, options):
     if method == "draft-model":
         options = {"draft": small_draft, **options}
@@ -78,6 +82,8 @@ def test_greedy_equals_hf_generate(smol, cases, small_draft, method, options):
     for ids, ref in cases:
         out = gen.generate(ids, max_new_tokens=MAX_NEW)
         assert out.token_ids == ref, f"{method} differs from generate() on prompt {smol.decode(ids)[:60]!r}"
+    if method in ("eagle", "medusa"):  # trained heads do draft what the target says
+        assert gen.generate(cases[-1][0], max_new_tokens=MAX_NEW).stats.mean_accepted_tokens > 1.2
 
 
 def test_chat_prompt_that_hits_eos(smol):

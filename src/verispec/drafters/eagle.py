@@ -8,7 +8,8 @@ token, the new root token) predicts the root's children. Deeper nodes read the f
 the head predicted at their parent. Trees grow through the same CachedLM tree path as a
 draft model's, and are dropped from the head's cache after each step.
 
-Options: drafter (a 'verispec train eagle' directory; default: the model's cached one),
+Options: drafter (a 'verispec train eagle' directory; default: the model's own, from
+$VERISPEC_HOME/drafters or the repository's drafters/ folder),
 tree ("dynamic" (EAGLE-2: depth, top_k, budget), "chain" (k), or a static shape of rank
 paths), children (static trees when sampling), draft_vocab (draft over the N tokens most
 frequent in the training data only: the LM-head product over 49k tokens is most of a
@@ -23,14 +24,10 @@ import torch
 from ..datastore import tokenizer_identity
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
+from ..heads import find_drafter
 from ..heads.eagle import load_eagle
 from .base import DraftContext, Drafter, register
 from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
-
-
-def default_drafter_dir(target, kind: str) -> Path:
-    from ..models import verispec_home
-    return verispec_home() / "drafters" / Path(getattr(target, "name", "model")).name / kind
 
 
 @register("eagle")
@@ -39,11 +36,7 @@ class EagleDrafter(Drafter):
 
     def __init__(self, target, drafter=None, tree="dynamic", k: int = 5, depth: int = 6, top_k: int = 4,
                  budget: int = 20, children: str = "topk", draft_vocab: int = 8192):
-        path = Path(drafter) if drafter else default_drafter_dir(target, "eagle")
-        if drafter is None and not path.exists():
-            raise ValueError(f"method 'eagle' needs a trained head: pass drafter=DIR (CLI: --drafter DIR), or train "
-                             f"the default one with 'verispec train eagle --model {getattr(target, 'name', 'M')} "
-                             f"--out {path}'")
+        path = Path(drafter) if drafter else find_drafter(target, "eagle", "verispec train eagle")
         if min(k, depth, top_k, budget) < 1 or draft_vocab < 0:
             raise ValueError("eagle needs k, depth, top_k, budget >= 1 and draft_vocab >= 0")
         if children not in CHILD_MODES:

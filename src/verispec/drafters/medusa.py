@@ -59,7 +59,8 @@ def expected_accepted(paths: Sequence[Sequence[int]], rank_accuracy: Sequence[Se
 
 @register("medusa")
 class MedusaDrafter(Drafter):
-    """Options: drafter (directory written by `verispec train medusa`; required), tree (static
+    """Options: drafter (directory written by `verispec train medusa`; default: the model's own,
+    from $VERISPEC_HOME/drafters or the repository's drafters/ folder), tree (static
     shape as a list of rank paths, no deeper than the number of heads; default: the best
     `nodes`-node shape for the heads' measured rank accuracies), nodes (8), children (how
     siblings are chosen when sampling: "topk" (deterministic), "sample", "sample-unique").
@@ -77,8 +78,8 @@ class MedusaDrafter(Drafter):
         from ..heads.medusa import load_medusa, read_medusa_config
 
         if drafter is None:
-            raise ValueError("method 'medusa' needs trained heads: pass drafter=DIR, a directory written by "
-                             "'verispec train medusa --out DIR' (CLI: --drafter DIR)")
+            from ..heads import find_drafter
+            drafter = find_drafter(target, "medusa", "verispec train medusa")
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
         if nodes < 1:

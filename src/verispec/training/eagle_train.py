@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--token-weight", type=float, default=0.1)
     p.add_argument("--noise", type=float, default=0.2, help="uniform input-feature noise, in units of the feature RMS")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (with --minutes, whichever comes first; "
+                                                 "steps make a run repeatable across machines)")
 
 
 def run(args) -> int:
@@ -39,7 +41,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     lm = verispec.load_model(args.model, dtype="bfloat16")  # the features' dtype; the head trains in float32
     data = ensure_data(args, lm, features=True)
-    report = train_eagle(lm, data, Path(args.out), minutes=args.minutes, lr=args.lr, batch_tokens=args.batch_tokens,
+    report = train_eagle(lm, data, Path(args.out), minutes=args.minutes, max_steps=args.max_steps, lr=args.lr, batch_tokens=args.batch_tokens,
                          train_vocab=args.train_vocab, feature_weight=args.feature_weight,
                          token_weight=args.token_weight, noise=args.noise, eval_every=args.eval_every,
                          seed=args.seed, command=_command(args))
