@@ -78,6 +78,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", help="the target's dtype (auto: bfloat16 where fast)")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out samples for agreement/acceptance")
     p.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation every so many minutes")
+    p.add_argument("--max-steps", type=int, help="also stop after this many optimizer steps (repeatable runs)")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint every so many minutes")
 
 
@@ -466,7 +467,7 @@ def run(args) -> int:
                      torch_rng=torch.get_rng_state())
         save_state(out, state)
 
-    while not budget.expired():
+    while not budget.expired() and (args.max_steps is None or distiller.step < args.max_steps):
         if cursor >= len(plan):
             epoch, cursor = epoch + 1, 0
             plan = epoch_batches(lengths, args.batch_tokens, args.seed, epoch)
