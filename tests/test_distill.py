@@ -214,7 +214,9 @@ def trained_dir(target_dir, tiny_data, tmp_path_factory):
 def test_run_writes_a_loadable_draft_that_keeps_greedy_output(tiny_target, trained_dir):
     report = json.loads((trained_dir / "training.json").read_text())
     assert report["steps"] > 0 and report["layers"] == [0, 3]
-    assert report["after"]["agreement"] > report["before"]["agreement"]
+    # expected acceptance (sum of min(p, q)) is what distillation optimises; top-1 agreement on 8
+    # held-out samples of a random tiny target is too coarse to move reliably in a few steps
+    assert report["after"]["acceptance"] > report["before"]["acceptance"] + 0.02
     assert report["data"]["train_samples"] == 16 and report["data"]["held_out_samples"] == 8
     assert report["on_policy_steps"] > 0
     for name in ("config.json", "model.safetensors", "generation_config.json", "README.md",
