@@ -220,19 +220,7 @@ def test_unsupported_architecture_is_refused():
 
 @pytest.mark.real
 def test_real_model_greedy_equals_generate():
-    import verispec
-    from test_real_model import spec_bench_first_turns
+    from test_real_model import check_real_greedy
 
-    smol = verispec.load_model("smollm2-135m-instruct", dtype="float32")
-    prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
-    prompts += [smol.encode(t) for t in ["def fibonacci(n):\n", "The quick brown fox jumps over the lazy dog. The quick",
-                                         "1, 2, 3, 4, 5, 6, 7, 8,"]]
-    gen = SpeculativeGenerator(smol, method="lookahead")
-    accepted = []
-    for ids in prompts:
-        with torch.inference_mode():
-            ref = smol.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
-        out = gen.generate(ids, max_new_tokens=32)
-        assert out.token_ids == ref, smol.decode(ids)[:60]
-        accepted.append(out.stats.accepted_tokens)
-    assert sum(accepted) > 0
+    # over one token per target pass: some drafts were accepted
+    assert check_real_greedy("lookahead") > 1.0

@@ -4,6 +4,7 @@ Marked `real`: part of the default run; the model is fetched and converted on fi
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,6 +32,36 @@ def spec_bench_first_turns() -> list[str]:
         q = json.loads(line)
         firsts.setdefault(q["category"], q["turns"][0])
     return [firsts[c] for c in wanted]
+
+
+@functools.lru_cache(maxsize=1)
+def real_cases(max_new: int = 32):
+    """smollm2-135m-instruct (float32) and 10 (prompt ids, greedy reference) pairs: the first
+    Spec-Bench question of 7 tasks with the chat template, 3 plain texts. Shared by the
+    method test files, so the references are computed once per run."""
+    smol = verispec.load_model("smollm2-135m-instruct", dtype="float32")
+    prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
+    prompts += [smol.encode(t) for t in ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+                                         "import argparse\n\nparser = argparse.ArgumentParser(",
+                                         "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]]
+    cases = []
+    for ids in prompts:
+        with torch.inference_mode():
+            ref = smol.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)[0, len(ids):]
+        cases.append((ids, ref.tolist()))
+    return smol, cases
+
+
+def check_real_greedy(method: str, **options) -> float:
+    """Assert greedy equality on every real case; return the mean accepted tokens per pass."""
+    smol, cases = real_cases()
+    gen = SpeculativeGenerator(smol, method=method, **options)
+    passes = tokens = 0
+    for ids, ref in cases:
+        out = gen.generate(ids, max_new_tokens=len(ref))
+        assert out.token_ids == ref, f"{method} differs from generate() on {smol.decode(ids)[:60]!r}"
+        passes, tokens = passes + out.stats.target_passes, tokens + out.stats.new_tokens
+    return tokens / passes
 
 
 @pytest.fixture(scope="module")

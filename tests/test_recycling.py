@@ -2,8 +2,6 @@
 from it, greedy equality with transformers' generate, the sampled distribution."""
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -177,39 +175,8 @@ def test_sampling_matches_target_joint_distribution():
 
 # --- the real model -------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def real_cases(max_new: int = 32):
-    """smollm2-135m-instruct (float32) and 10 (prompt ids, greedy reference) pairs: the first
-    Spec-Bench question of 7 tasks with the chat template, 3 plain texts. Shared by the other
-    method test files, so the references are computed once per run."""
-    import verispec
-    from test_real_model import spec_bench_first_turns
-
-    smol = verispec.load_model("smollm2-135m-instruct", dtype="float32")
-    prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
-    prompts += [smol.encode(t) for t in ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-                                         "import argparse\n\nparser = argparse.ArgumentParser(",
-                                         "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]]
-    cases = []
-    for ids in prompts:
-        with torch.inference_mode():
-            ref = smol.model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)[0, len(ids):]
-        cases.append((ids, ref.tolist()))
-    return smol, cases
-
-
-def check_real_greedy(method: str, **options) -> float:
-    """Assert greedy equality on every real case; return the mean accepted tokens per pass."""
-    smol, cases = real_cases()
-    gen = SpeculativeGenerator(smol, method=method, **options)
-    passes = tokens = 0
-    for ids, ref in cases:
-        out = gen.generate(ids, max_new_tokens=len(ref))
-        assert out.token_ids == ref, f"{method} differs from generate() on {smol.decode(ids)[:60]!r}"
-        passes, tokens = passes + out.stats.target_passes, tokens + out.stats.new_tokens
-    return tokens / passes
-
-
 @pytest.mark.real
 def test_real_model_greedy_equals_generate():
+    from test_real_model import check_real_greedy
+
     assert check_real_greedy("recycling") > 1.3

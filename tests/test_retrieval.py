@@ -229,7 +229,7 @@ def test_real_model_greedy_equals_generate(tmp_path):
     from pathlib import Path
 
     from verispec.datastore import corpus_files, tokenize_files
-    from test_recycling import check_real_greedy, real_cases
+    from test_real_model import check_real_greedy, real_cases
 
     smol, _ = real_cases()
     stdlib = Path(sysconfig.get_paths()["stdlib"])

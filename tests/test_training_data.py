@@ -70,3 +70,12 @@ def test_dataset_round_trip_holds_the_targets_features(tmp_path):
         check_dataset_for(tiny_llama(vocab=50), out)
     with pytest.raises(ValueError, match="not a verispec training dataset"):
         check_dataset_for(lm, tmp_path)
+
+
+def test_token_ranking_puts_answer_tokens_first():
+    from verispec.training.data import Sample, token_ranking
+
+    # token 5 fills the prompts, 7 and 3 the answers (7 more often); ties fall to the lower id
+    samples = [Sample(torch.tensor([5, 5, 5, 7, 3, 7]), 3, None), Sample(torch.tensor([5, 5, 2, 7]), 3, None)]
+    ranking = token_ranking(samples, 9).tolist()
+    assert ranking[:5] == [7, 3, 5, 2, 0] and sorted(ranking) == list(range(9))

@@ -297,10 +297,8 @@ def test_real_pair_both_ways(real_pair):
 
 @pytest.mark.real
 def test_real_model_greedy_equals_generate(real_pair):
-    from test_real_model import spec_bench_first_turns
+    from test_real_model import check_real_greedy
 
-    gemma, smol = real_pair
-    prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
-    prompts += [smol.encode(t) for t in ["def fibonacci(n):\n", "The quick brown fox jumps over the lazy dog. The quick",
-                                         "1, 2, 3, 4, 5, 6, 7, 8,"]]
-    assert _check_greedy(smol, gemma, prompts) > 0
+    gemma, _ = real_pair
+    # over one token per target pass: some of gemma's re-tokenized drafts were accepted
+    assert check_real_greedy("universal", draft=gemma, k=4) > 1.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,13 @@ import torch
 from .data import chunk_indices
 
 CHECKPOINT = "trainer-state.pt"
+
+
+def command_line() -> str:
+    """The command being run, as a user would type it (recorded with what it trains)."""
+    if Path(sys.argv[0]).name == "verispec":
+        return shlex.join(["verispec", *sys.argv[1:]])
+    return shlex.join(sys.argv)
 
 
 class Budget:

@@ -85,10 +85,12 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
         "hidden_size": lm.model.config.hidden_size,
     }
     _check_or_write_manifest(out, manifest)
+    n_chunks = (n_samples + chunk_size - 1) // chunk_size
+    if all((out / f"chunk-{c:05d}.pt").exists() for c in range(n_chunks)):
+        return out  # complete: nothing to generate
     guard = guard if guard is not None else default_guard()
     texts = make_prompts(sources, n_samples, seed=seed, guard=guard)
     prompts = [encode_prompt(lm, t)[-max_prompt_tokens:] for t in texts]
-    n_chunks = (n_samples + chunk_size - 1) // chunk_size
     start = time.perf_counter()
     for c in range(n_chunks):
         path = out / f"chunk-{c:05d}.pt"
@@ -177,6 +179,20 @@ def iter_samples(path: str | Path, chunks: Sequence[int] | None = None) -> Itera
         feats = record.get("features") or [None] * len(record["ids"])
         for ids, n, h in zip(record["ids"], record["prompt_lens"], feats):
             yield Sample(ids, n, h)
+
+
+def token_ranking(samples: Sequence[Sample], vocab_size: int) -> torch.Tensor:
+    """Every token id, most useful to a drafter first: by count in the answers (what drafters
+    draft), then by count anywhere, then lowest id. Draft vocabularies are its prefixes."""
+    answer = torch.zeros(vocab_size, dtype=torch.long)
+    every = torch.zeros(vocab_size, dtype=torch.long)
+    for s in samples:
+        ids = s.ids.long()
+        answer += torch.bincount(ids[s.prompt_len:], minlength=vocab_size)
+        every += torch.bincount(ids, minlength=vocab_size)
+    order = torch.arange(vocab_size)  # stable sorts, least significant key first
+    order = order[torch.sort(-every[order], stable=True).indices]
+    return order[torch.sort(-answer[order], stable=True).indices]
 
 
 def chunk_indices(path: str | Path) -> list[int]:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,7 +392,8 @@ def _lr_at(args, step: int, spent_s: float, warmup: int = 20) -> float:
 
 def run(args) -> int:
     import verispec
-    from .common import Budget, Progress, load_state, plot_losses, save_state, split_chunks, write_report
+    from .common import (Budget, Progress, command_line, load_state, plot_losses, save_state, split_chunks,
+                         write_report)
     from .data import iter_samples
 
     _check_args(args)
@@ -514,8 +513,7 @@ def run(args) -> int:
 
     record = {
         "target": str(args.model), "layers": layers, "settings": settings,
-        "command": shlex.join(["verispec", *sys.argv[1:]]) if Path(sys.argv[0]).name == "verispec"
-        else shlex.join(sys.argv),
+        "command": command_line(),
         "train_minutes": train_s / 60, "steps": distiller.step, "epochs": epoch + cursor / max(len(plan), 1),
         "on_policy_steps": state["on_policy_steps"],
         "target_logits": "cached features" if use_features else "target forward",

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import Budget, Progress, load_state, plot_losses, save_state, split_chunks, write_report
-from .data import iter_samples
+from .common import Budget, Progress, command_line, load_state, plot_losses, save_state, split_chunks, write_report
+from .data import iter_samples, token_ranking
 
 
 def add_arguments(p) -> None:
@@ -44,7 +44,7 @@ def run(args) -> int:
     report = train_eagle(lm, data, Path(args.out), minutes=args.minutes, max_steps=args.max_steps, lr=args.lr, batch_tokens=args.batch_tokens,
                          train_vocab=args.train_vocab, feature_weight=args.feature_weight,
                          token_weight=args.token_weight, noise=args.noise, eval_every=args.eval_every,
-                         seed=args.seed, command=_command(args))
+                         seed=args.seed, command=command_line())
     print(f"[eagle] done: {report['steps']} steps, {report['train_minutes']:.1f} min, {report['train_samples']} samples / "
           f"{report['train_tokens']} tokens; held-out top-1 {report['top1']:.3f}, at depth 2 "
           f"{report['top1_depth2']:.3f}; saved to {args.out}")
@@ -123,19 +123,6 @@ def train_eagle(lm, data, out: Path, minutes: float, max_steps: int | None = Non
               "data": str(data), "command": command}
     write_report(out, report)
     return report
-
-
-def _command(args) -> str:
-    import sys
-    return "verispec " + " ".join(sys.argv[1:]) if sys.argv and "verispec" in sys.argv[0] else ""
-
-
-def token_ranking(samples, vocab_size: int) -> torch.Tensor:
-    """All token ids, most frequent in the data first (ties: by id)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for s in samples:
-        counts += torch.bincount(s.ids, minlength=vocab_size)
-    return torch.sort(-counts, stable=True).indices
 
 
 def batches(samples, batch_tokens: int):

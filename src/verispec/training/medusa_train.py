@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .data import token_ranking
+
 IGNORE = -100
 EVAL_RANKS = 10  # rank accuracies kept per head (they shape the drafter's default tree)
 
@@ -117,15 +119,7 @@ def choose_token_map(samples, vocab_size: int, size: int) -> torch.Tensor:
     """The draft vocabulary: most frequent answer tokens, then prompt tokens, then lowest ids."""
     if size <= 0 or size >= vocab_size:
         return torch.arange(vocab_size)
-    answer = torch.zeros(vocab_size, dtype=torch.float64)
-    every = torch.zeros(vocab_size, dtype=torch.float64)
-    for s in samples:
-        ids = s.ids.long()
-        answer += torch.bincount(ids[s.prompt_len:], minlength=vocab_size).double()
-        every += torch.bincount(ids, minlength=vocab_size).double()
-    ids = torch.arange(vocab_size, dtype=torch.float64)
-    score = answer * 1e12 + every * 1e6 - ids  # lexicographic: answers, then prompts, then low ids
-    return torch.sort(torch.argsort(score, descending=True)[:size]).values
+    return torch.sort(token_ranking(samples, vocab_size)[:size]).values
 
 
 def draft_labels(labels: torch.Tensor, token_map: torch.Tensor, vocab_size: int) -> torch.Tensor:
