@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine.tree import TokenTree
+from ..engine.tree import TokenTree, depths_of
 from .base import DraftContext, Drafter, register
 from .tree_growth import CHILD_MODES, grow_static, static_shape
 
@@ -127,7 +127,7 @@ class MedusaDrafter(Drafter):
             logits = self.heads.to_full_vocab(logits)  # [depth, vocab]
 
         def expand(tokens, parents, nodes):  # a node at depth d gets head d+1's candidates
-            depths = _depths(parents)
+            depths = depths_of(parents)
             return logits[[depths[n] for n in nodes]]
 
         tree = grow_static(root, logits[0], self.shape, expand, ctx.sampling, ctx.rng, ctx.max_depth, self.children)
@@ -135,13 +135,6 @@ class MedusaDrafter(Drafter):
             ids = self.heads.token_map[list(tree.tokens[1:])].tolist()
             tree = TokenTree((root, *ids), tree.parents)
         return tree
-
-
-def _depths(parents) -> list[int]:
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depths[i] = depths[parents[i]] + 1
-    return depths
 
 
 def _check_target(target, config: dict, directory) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..engine.sampling import probabilities
-from ..engine.tree import TokenTree
+from ..engine.tree import TokenTree, depths_of
 
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
 CHILD_MODES = ("topk", "sample", "sample-unique")
@@ -128,9 +128,7 @@ def grow_dynamic(
 def _best_subtree(tokens, parents, scores, budget: int) -> TokenTree:
     """Keep the root and the `budget` best nodes; a child never outscores its parent, so
     ranking by (score, depth) keeps every kept node's ancestors."""
-    depth = [0] * len(tokens)
-    for i in range(1, len(tokens)):
-        depth[i] = depth[parents[i]] + 1
+    depth = depths_of(parents)
     ranked = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depth[i], i))
     kept: set[int] = {0}
     for i in ranked:

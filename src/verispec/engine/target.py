@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import cache_length, crop_to, keep_positions
-from .tree import TokenTree, ancestor_matrix
+from .tree import TokenTree, ancestor_matrix, depths_of
 
 SUPPORTED_TREE_MODELS = ("llama", "gemma3_text", "gemma3")
 
@@ -116,7 +116,7 @@ class CachedLM:
         drafter grow a tree level by level with one pass per level.
         """
         _check_tree_support(self.model)
-        depths = _depths(parents)
+        depths = depths_of(parents)
         keys = self._fed + nodes
         start = self._tree_start
         masks = self._tree_masks(parents, nodes, keys, start, depths)
@@ -157,13 +157,6 @@ class CachedLM:
 
     def crop(self, length: int) -> None:
         crop_to(self.cache, length)
-
-
-def _depths(parents) -> list[int]:
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depths[i] = depths[parents[i]] + 1
-    return depths
 
 
 

@@ -61,10 +61,7 @@ class TokenTree:
 
     @cached_property
     def depths(self) -> tuple[int, ...]:
-        depths = [0] * len(self.tokens)
-        for i in range(1, len(self.tokens)):
-            depths[i] = depths[self.parents[i]] + 1
-        return tuple(depths)
+        return tuple(depths_of(self.parents))
 
     @cached_property
     def children(self) -> tuple[tuple[int, ...], ...]:
@@ -87,6 +84,14 @@ class TokenTree:
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
         return ancestor_matrix(self.parents)
+
+
+def depths_of(parents) -> list[int]:
+    """Depth of every node of a topologically ordered parent list (the root's is 0)."""
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    return depths
 
 
 def ancestor_matrix(parents) -> torch.Tensor:
