@@ -52,15 +52,16 @@ class EagleDrafter(Drafter):
 
     def begin(self, prompt: list[int]) -> None:
         self.lm.reset()
-        self.features: torch.Tensor | None = None  # target features of committed tokens, in order
-        self.fed = 0  # pairs in the head's cache
+        self.fed = 0  # pairs (feature_j, token_{j+1}) in the head's cache
+        self.unfed: torch.Tensor | None = None  # target features of committed tokens j >= fed, in order
         self.node_hidden: dict[int, torch.Tensor] = {}
 
     def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
-        self.features = features if self.features is None else torch.cat([self.features, features])
+        # only the features not yet in the head's cache are kept: each is fed once
+        self.unfed = features if self.unfed is None else torch.cat([self.unfed, features])
 
     def propose(self, ctx: DraftContext) -> TokenTree:
-        n = 0 if self.features is None else len(self.features)  # every committed token but the root
+        n = self.fed + (0 if self.unfed is None else len(self.unfed))  # every committed token but the root
         if ctx.max_depth == 0 or n == 0:  # the first pass (the prompt) gives the first features
             return TokenTree.chain(ctx.tokens[-1])
         root_logits = self._catch_up(ctx.tokens, n)
@@ -76,8 +77,8 @@ class EagleDrafter(Drafter):
 
     def _catch_up(self, tokens: list[int], n: int) -> torch.Tensor:
         """Feed the pairs (feature_j, token_{j+1}) for j = fed .. n-1; logits after the last one."""
-        logits = self.lm.extend(tokens[self.fed + 1:n + 1], features=self.features[None, self.fed:n])[-1]
-        self.fed = n
+        logits = self.lm.extend(tokens[self.fed + 1:n + 1], features=self.unfed[None])[-1]
+        self.fed, self.unfed = n, None
         self.node_hidden = {0: self.lm.last_output.hidden[0, -1]}
         return logits
 
