@@ -30,10 +30,11 @@ class Sample:
 
 
 def encode_prompt(lm: Any, prompt: str) -> list[int]:
-    """The prompt as the bench presents it: the chat template, else a plain User/Assistant layout."""
-    if getattr(lm.tokenizer, "chat_template", None):
-        return lm.encode(prompt, chat=True)
-    return lm.encode(f"User: {prompt}\nAssistant:")
+    """The prompt exactly as the bench presents a question: the chat template, else its plain
+    User/Assistant layout (one formatter for both, so drafters train on what they are run on)."""
+    from ..bench.runner import ChatFormatter
+
+    return ChatFormatter(lm).encode([{"role": "user", "content": prompt}])
 
 
 @torch.inference_mode()
