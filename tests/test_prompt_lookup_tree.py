@@ -132,6 +132,6 @@ def test_tree_sampling_matches_target_joint_distribution():
 @pytest.mark.real
 @needs_tree_option
 def test_real_model_greedy_equals_generate():
-    from test_recycling import check_real_greedy
+    from test_real_model import check_real_greedy
 
     assert check_real_greedy("prompt-lookup", tree_width=4) >= 1.0
