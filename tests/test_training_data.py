@@ -79,3 +79,64 @@ def test_token_ranking_puts_answer_tokens_first():
     samples = [Sample(torch.tensor([5, 5, 5, 7, 3, 7]), 3, None), Sample(torch.tensor([5, 5, 2, 7]), 3, None)]
     ranking = token_ranking(samples, 9).tolist()
     assert ranking[:5] == [7, 3, 5, 2, 0] and sorted(ranking) == list(range(9))
+
+
+class _ScriptedModel:
+    """Stands in for a model's generate(): returns the scripted continuations, a batch at a time."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+
+    def generate(self, input_ids, max_new_tokens, **_):
+        batch, self.rows = self.rows[:len(input_ids)], self.rows[len(input_ids):]
+        batch += [[0]] * (len(input_ids) - len(batch))  # an empty message once the script is spent
+        width = max(map(len, batch))
+        tail = torch.tensor([r + [0] * (width - len(r)) for r in batch])
+        return torch.cat([input_ids, tail], 1)
+
+
+def _smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from verispec.models import fetch
+    return AutoTokenizer.from_pretrained(fetch("smollm2-135m-instruct", progress=False))
+
+
+@pytest.mark.real
+def test_self_instruct_keeps_finished_distinct_clean_messages(corpus):
+    from types import SimpleNamespace
+
+    from verispec.training.self_instruct import self_instruct_prompts
+
+    _, qfile = corpus
+    tok = _smol_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def msg(text, end=True):
+        return tok(text, add_special_tokens=False)["input_ids"] + ([eos] if end else [])
+
+    script = [msg("How do tides work?"), msg("how do tides work?"),  # a repeat, in other case
+              msg("Write a haiku about autumn leaves.", end=False),  # never ended: cut off
+              msg("Hi"),  # too short
+              msg(f"Please do this: {QUESTION}"),  # quotes the evaluation set
+              msg("Translate 'good morning' into French.")]
+    lm = SimpleNamespace(tokenizer=tok, eos_token_ids=[eos], model=_ScriptedModel(script))
+    got = self_instruct_prompts(lm, 2, guard=EvalSetGuard([qfile]), batch_size=3)
+    assert got == ["How do tides work?", "Translate 'good morning' into French."]
+    lm.model = _ScriptedModel([msg("Only one usable message here.")])
+    with pytest.raises(ValueError, match="only 1 usable"):
+        self_instruct_prompts(lm, 2, batch_size=3)
+
+
+@pytest.mark.real
+def test_self_instruct_on_the_real_model_writes_user_turns_in_the_bench_layout():
+    import verispec
+    from verispec.bench.runner import ChatFormatter
+    from verispec.training.self_instruct import self_instruct_prompts, user_turn_prefix
+
+    smol = verispec.load_model("smollm2-135m-instruct", dtype="bfloat16")
+    prefix = user_turn_prefix(smol)
+    assert ChatFormatter(smol).encode([{"role": "user", "content": "Hello there"}])[:len(prefix)] == prefix
+    prompts = self_instruct_prompts(smol, 4, seed=3, batch_size=4, max_tokens=48)
+    assert len(set(prompts)) == 4 and all(len(p.split()) >= 3 for p in prompts)
+    assert not any("<|im_" in p for p in prompts)  # special tokens are not part of the message

@@ -19,8 +19,8 @@ def default_data_dir(model: str) -> Path:
 
 def add_common(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="the target: zoo name or local HF directory")
-    p.add_argument("--data", help="distillation dataset (default: $VERISPEC_HOME/training-data/<model>, "
-                                  "built on first use)")
+    p.add_argument("--data", nargs="+", help="distillation dataset directories, trained on together (default: "
+                                             "$VERISPEC_HOME/training-data/<model>, built on first use)")
     p.add_argument("--samples", type=int, default=1024, help="prompts in a dataset built on first use")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -31,9 +31,10 @@ def add_parser(subparsers) -> None:
     sub = train.add_subparsers(dest="trainer", required=True)
     p = sub.add_parser("data", help="the target answers prompts made from local text; answers and features saved")
     add_common(p)
-    p.add_argument("--out", help="dataset directory (default: as --data)")
-    p.add_argument("--from", dest="sources", nargs="+", help="text/HTML/.py files or folders (default: the stdlib "
-                                                              "source and python3.11-doc if installed)")
+    p.add_argument("--out", help="dataset directory (default: $VERISPEC_HOME/training-data/<model>)")
+    p.add_argument("--from", dest="sources", nargs="+",
+                   help="where prompts come from: 'self' (default: the target writes them, self-instruct), 'docs' "
+                        "(the stdlib source and python3.11-doc if installed), or text/HTML/.py files or folders")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-features", action="store_true", help="skip the target's features (draft-model only)")
@@ -48,14 +49,15 @@ def add_parser(subparsers) -> None:
         p.set_defaults(func=mod.run)
 
 
-def ensure_data(args, lm, features: bool = True) -> Path:
-    """The dataset of --data, or the default one for the model, built (or resumed) first."""
+def ensure_data(args, lm, features: bool = True) -> list[Path]:
+    """The datasets of --data, or the default one for the model, built (or resumed) first."""
     from .data import build_dataset, check_dataset_for
-    path = Path(args.data) if args.data else default_data_dir(args.model)
-    if not (path / "manifest.json").exists() or args.data is None:
-        build_dataset(lm, path, n_samples=args.samples, seed=args.seed, features=features)
-    check_dataset_for(lm, path, need_features=features)
-    return path
+    paths = [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+    for path in paths:
+        if not (path / "manifest.json").exists() or args.data is None:
+            build_dataset(lm, path, n_samples=args.samples, seed=args.seed, features=features)
+        check_dataset_for(lm, path, need_features=features)
+    return paths
 
 
 def cmd_data(args) -> int:
@@ -66,7 +68,7 @@ def cmd_data(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = verispec.load_model(args.model, dtype="auto")
-    out = Path(args.out or args.data or default_data_dir(args.model))
+    out = Path(args.out or default_data_dir(args.model))
     build_dataset(lm, out, n_samples=args.samples, sources=args.sources, max_new_tokens=args.max_new_tokens,
                   batch_size=args.batch_size, seed=args.seed, features=not args.no_features)
     print(f"dataset ready in {out}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .data import chunk_indices
+from .data import Sample, chunk_indices, iter_samples
 
 CHECKPOINT = "trainer-state.pt"
 
@@ -45,6 +45,23 @@ def split_chunks(data_dir: str | Path, holdout: int = 1) -> tuple[list[int], lis
     if len(chunks) <= holdout:
         raise ValueError(f"{data_dir} has {len(chunks)} chunk(s); training needs more than the {holdout} held out")
     return chunks[:-holdout], chunks[-holdout:]
+
+
+def as_dirs(data: str | Path | list) -> list[Path]:
+    """One dataset directory or several, as a list."""
+    return [Path(d) for d in data] if isinstance(data, (list, tuple)) else [Path(data)]
+
+
+def load_split(data: str | Path | list, holdout: int = 1) -> tuple[list[Sample], list[Sample]]:
+    """Training and held-out samples of one dataset or several (each holds out its own last chunks,
+    so every source is measured)."""
+    train: list[Sample] = []
+    held: list[Sample] = []
+    for d in as_dirs(data):
+        train_chunks, held_chunks = split_chunks(d, holdout)
+        train += iter_samples(d, train_chunks)
+        held += iter_samples(d, held_chunks)
+    return train, held
 
 
 def save_state(out: Path, state: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""Sequence-level distillation data: the target answers local prompts; its answers and its
-features are stored in chunks on disk.
+"""Sequence-level distillation data: the target answers prompts (its own self-instruct user
+turns, or prompts made from local text); its answers and its features are stored in chunks
+on disk.
 
 A dataset directory holds manifest.json (model, tokenizer identity, settings) and
 chunk-00000.pt, ... each with up to `chunk_size` samples: token ids (prompt + the
@@ -20,6 +21,9 @@ import torch
 
 from ..datastore import tokenizer_identity
 from .prompts import EvalSetGuard, default_guard, default_sources, make_prompts
+from .self_instruct import self_instruct_prompts
+
+SELF = "self"  # the source "self": the target writes the prompts (self-instruct)
 
 
 @dataclass
@@ -78,7 +82,8 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
     """Write (or finish writing) a distillation dataset for `lm` into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = [Path(s) for s in (sources or default_sources())]
+    names = list(map(str, sources or [SELF]))
+    sources = [SELF] if names == [SELF] else default_sources() if names == ["docs"] else [Path(s) for s in names]
     manifest = {
         "model": getattr(lm, "name", "?"), "tokenizer": tokenizer_identity(lm), "n_samples": n_samples,
         "sources": [str(s) for s in sources], "max_new_tokens": max_new_tokens, "seed": seed,
@@ -90,7 +95,10 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
     if all((out / f"chunk-{c:05d}.pt").exists() for c in range(n_chunks)):
         return out  # complete: nothing to generate
     guard = guard if guard is not None else default_guard()
-    texts = make_prompts(sources, n_samples, seed=seed, guard=guard)
+    if sources == [SELF]:
+        texts = self_instruct_prompts(lm, n_samples, seed=seed, guard=guard, batch_size=batch_size)
+    else:
+        texts = make_prompts(sources, n_samples, seed=seed, guard=guard)
     prompts = [encode_prompt(lm, t)[-max_prompt_tokens:] for t in texts]
     start = time.perf_counter()
     for c in range(n_chunks):

@@ -365,13 +365,14 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
 
 
-def _load_data(args, lm) -> tuple[Path, dict]:
+def _load_data(args, lm) -> tuple[list[Path], bool]:
+    """The dataset directories, and whether they all hold the target's features (which spare
+    a target forward per step)."""
     from .cli import default_data_dir, ensure_data
     from .data import load_manifest
-    path = Path(args.data) if args.data else default_data_dir(args.model)
-    features = bool(load_manifest(path).get("features")) if (path / "manifest.json").exists() else True
-    data_dir = ensure_data(args, lm, features=features)
-    return data_dir, load_manifest(data_dir)
+    paths = [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+    features = all(load_manifest(p).get("features") for p in paths if (p / "manifest.json").exists())
+    return ensure_data(args, lm, features=features), features
 
 
 def _features_match(distiller: Distiller, seq: Seq) -> bool:
@@ -392,9 +393,7 @@ def _lr_at(args, step: int, spent_s: float, warmup: int = 20) -> float:
 
 def run(args) -> int:
     import verispec
-    from .common import (Budget, Progress, command_line, load_state, plot_losses, save_state, split_chunks,
-                         write_report)
-    from .data import iter_samples
+    from .common import Budget, Progress, command_line, load_split, load_state, plot_losses, save_state, write_report
 
     _check_args(args)
     if args.threads:
@@ -404,13 +403,13 @@ def run(args) -> int:
     lm = verispec.load_model(args.model, dtype=args.dtype)
     total_layers = len(lm.model.model.layers) if hasattr(lm.model, "model") else 0
     layers = parse_layers(args.layers, total_layers)
-    data_dir, manifest = _load_data(args, lm)
-    train_chunks, held_chunks = split_chunks(data_dir)
-    train = [Seq(s.ids, s.prompt_len, s.features) for s in iter_samples(data_dir, train_chunks)]
-    held = [Seq(s.ids, s.prompt_len, s.features) for s in iter_samples(data_dir, held_chunks)][:args.eval_samples]
+    data_dirs, has_features = _load_data(args, lm)
+    train_samples, held_samples = load_split(data_dirs)
+    train = [Seq(s.ids, s.prompt_len, s.features) for s in train_samples]
+    held = [Seq(s.ids, s.prompt_len, s.features) for s in held_samples][:args.eval_samples]
     settings = {k: getattr(args, k) for k in SETTINGS}
     settings["layers"] = layers
-    settings["data"] = str(Path(data_dir).resolve())
+    settings["data"] = [str(d.resolve()) for d in data_dirs]
 
     state = load_state(out)
     if state is not None:
@@ -421,7 +420,7 @@ def run(args) -> int:
                              "rerun with those, or use another --out")
     distiller = Distiller(lm, layers, args.divergence, args.beta, args.temperature, args.lr, args.train_embeddings,
                           feature_weight=args.feature_loss)
-    use_features = bool(manifest.get("features")) and train[0].features is not None
+    use_features = has_features and train[0].features is not None
     if use_features and not _features_match(distiller, held[0]):
         print("[distill] the dataset's features do not reproduce this target's predictions; "
               "computing target logits with a forward pass instead", flush=True)
@@ -517,7 +516,7 @@ def run(args) -> int:
         "train_minutes": train_s / 60, "steps": distiller.step, "epochs": epoch + cursor / max(len(plan), 1),
         "on_policy_steps": state["on_policy_steps"],
         "target_logits": "cached features" if use_features else "target forward",
-        "data": {"dir": str(data_dir), "train_samples": len(train), "train_tokens": sum(lengths),
+        "data": {"dir": [str(d) for d in data_dirs], "train_samples": len(train), "train_tokens": sum(lengths),
                  "train_answer_tokens": sum(len(s.ids) - s.prompt_len for s in train),
                  "held_out_samples": len(held), "held_out_positions": after["positions"],
                  "trained_positions": state["trained_positions"]},

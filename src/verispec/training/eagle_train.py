@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import Budget, Progress, command_line, load_state, plot_losses, save_state, split_chunks, write_report
-from .data import iter_samples, token_ranking
+from .common import Budget, Progress, as_dirs, command_line, load_split, load_state, plot_losses, save_state, write_report
+from .data import token_ranking
 
 
 def add_arguments(p) -> None:
@@ -61,9 +61,8 @@ def train_eagle(lm, data, out: Path, minutes: float, max_steps: int | None = Non
 
     torch.manual_seed(seed)
     out = Path(out)
-    train_chunks, held_chunks = split_chunks(data)
-    train = sorted(iter_samples(data, train_chunks), key=lambda s: len(s.ids))  # batches of like lengths pad less
-    held = list(iter_samples(data, held_chunks))
+    train, held = load_split(data)
+    train.sort(key=lambda s: len(s.ids))  # batches of like lengths pad less
     vocab = lm.model.config.vocab_size
     ranking = token_ranking(train, vocab)
     vocab_ids = ranking[:train_vocab].sort().values if train_vocab and train_vocab < vocab else None
@@ -120,7 +119,7 @@ def train_eagle(lm, data, out: Path, minutes: float, max_steps: int | None = Non
     plot_losses({"held-out top-1": history["held-out top-1"]}, out / "heldout.png", "EAGLE head: held-out top-1")
     report = {"steps": step, "train_minutes": round(budget.spent_s / 60, 2), "train_samples": len(train),
               "train_tokens": sum(len(s.ids) for s in train), "heldout_samples": len(held), **metrics,
-              "data": str(data), "command": command}
+              "data": [str(d) for d in as_dirs(data)], "command": command}
     write_report(out, report)
     return report
 
@@ -175,23 +174,26 @@ def eagle_loss(head, W, batch, feature_weight: float, token_weight: float, noise
 @torch.no_grad()
 def evaluate(head, lm, held, batch_tokens: int = 4096) -> dict:
     """Held-out agreement with the target's greedy next token (full vocabulary, argmax of the
-    target's LM head on its true feature): teacher-forced (depth 1) and with the head's own
-    predicted feature as input one step later (depth 2, how it drafts a chain's second token)."""
+    target's LM head on its true feature) over the answers (what the head drafts):
+    teacher-forced (depth 1) and with the head's own predicted feature as input one step
+    later (depth 2, how it drafts a chain's second token)."""
     Wfull = lm.model.get_output_embeddings().weight.float()
     hits1 = hits2 = n1 = n2 = 0
     for batch in batches(held, batch_tokens):
         ids, feats, valid = _pad(batch)
-        mask = valid[:, 1:]
+        # position j predicts token j+2; count the predictions of answer tokens only
+        answer = torch.arange(valid.shape[1] - 1)[None] >= torch.tensor([s.prompt_len - 2 for s in batch])[:, None]
+        mask = valid[:, 1:] & answer
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = head(ids[:, 1:], feats[:, :-1], attention_mask=mask.long()).hidden.float()
+            pred = head(ids[:, 1:], feats[:, :-1], attention_mask=valid[:, 1:].long()).hidden.float()
         truth = (feats[:, 1:] @ Wfull.T).argmax(-1)
         guess = (pred @ Wfull.T).argmax(-1)
         hits1 += ((guess == truth) & mask).sum().item()
         n1 += mask.sum().item()
         # depth 2: position j+1 reads the head's own prediction of feature_{j+1}
-        mask2 = valid[:, 2:]
+        mask2 = mask[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred2 = head(ids[:, 2:], pred[:, :-1], attention_mask=mask2.long()).hidden.float()
+            pred2 = head(ids[:, 2:], pred[:, :-1], attention_mask=valid[:, 2:].long()).hidden.float()
         guess2 = (pred2 @ Wfull.T).argmax(-1)
         hits2 += ((guess2 == truth[:, 1:]) & mask2).sum().item()
         n2 += mask2.sum().item()

@@ -220,8 +220,7 @@ def run(args) -> int:
     from ..datastore import tokenizer_identity
     from ..heads.medusa import MedusaHeads, save_medusa
     from .cli import ensure_data
-    from .common import Budget, Progress, load_state, plot_losses, save_state, split_chunks, write_report
-    from .data import iter_samples
+    from .common import Budget, Progress, load_split, load_state, plot_losses, save_state, split_chunks, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,14 +228,13 @@ def run(args) -> int:
         raise ValueError("need --heads >= 1, --layers >= 0, --batch-tokens >= 1 and 0 <= --distill <= 1")
     out = Path(args.out)
     lm = verispec.load_model(args.model, dtype="auto")
-    data_dir = ensure_data(args, lm)
-    train_chunks, held_chunks = split_chunks(data_dir)
+    data_dirs = ensure_data(args, lm)
+    train_chunks = [(str(d), split_chunks(d)[0]) for d in data_dirs]  # what a resumed run must train on again
     hidden, vocab = int(lm.model.config.hidden_size), int(lm.model.config.vocab_size)
     lm_head = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, hidden]
 
-    print(f"[medusa] loading features of chunks {train_chunks[0]}..{train_chunks[-1]} (held out: {held_chunks})", flush=True)
-    train_samples = list(iter_samples(data_dir, train_chunks))
-    held_samples = list(iter_samples(data_dir, held_chunks))
+    print(f"[medusa] loading features of {', '.join(map(str, data_dirs))} (each holds out its last chunk)", flush=True)
+    train_samples, held_samples = load_split(data_dirs)
     hparams = {k: getattr(args, k) for k in HPARAMS}
     state = load_state(out)
     if state is not None:
@@ -353,8 +351,8 @@ def run(args) -> int:
     save_medusa(heads, out, target_name=args.model, dtype=torch.bfloat16)
     plot_losses(history, out / "loss.png", f"Medusa heads ({args.heads} x {args.layers} blocks) on {Path(args.model).name}")
     report = {
-        "method": "medusa", "model": args.model, "data": str(data_dir),
-        "train_chunks": train_chunks, "held_out_chunks": held_chunks,
+        "method": "medusa", "model": args.model, "data": [str(d) for d in data_dirs],
+        "train_chunks": train_chunks,
         "train_samples": train.samples, "train_tokens": train.tokens, "train_positions": len(train),
         "held_out_samples": held.samples, "held_out_positions": len(held),
         "hyperparameters": hparams, "steps": step, "epochs": round(epoch + cursor / max(1, len(train)), 3),
