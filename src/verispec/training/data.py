@@ -95,10 +95,7 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
     if all((out / f"chunk-{c:05d}.pt").exists() for c in range(n_chunks)):
         return out  # complete: nothing to generate
     guard = guard if guard is not None else default_guard()
-    if sources == [SELF]:
-        texts = self_instruct_prompts(lm, n_samples, seed=seed, guard=guard, batch_size=batch_size)
-    else:
-        texts = make_prompts(sources, n_samples, seed=seed, guard=guard)
+    texts = _prompts(lm, out, sources, n_samples, seed, guard, batch_size, progress)
     prompts = [encode_prompt(lm, t)[-max_prompt_tokens:] for t in texts]
     start = time.perf_counter()
     for c in range(n_chunks):
@@ -115,6 +112,23 @@ def build_dataset(lm: Any, out: str | Path, n_samples: int = 1024, sources: Sequ
             done = c + 1
             print(f"[data] chunk {done}/{n_chunks}  {time.perf_counter() - start:.0f}s", flush=True)
     return out
+
+
+def _prompts(lm: Any, out: Path, sources: list, n: int, seed: int, guard: EvalSetGuard, batch_size: int,
+             progress: bool) -> list[str]:
+    """The dataset's prompt texts, kept in prompts.json: a resumed build reuses them (sampling
+    the target's own user turns is a good part of the build's time)."""
+    path = out / "prompts.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if sources == [SELF]:
+        texts = self_instruct_prompts(lm, n, seed=seed, guard=guard, batch_size=batch_size, progress=progress)
+    else:
+        texts = make_prompts(sources, n, seed=seed, guard=guard)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(texts, indent=0))
+    tmp.rename(path)  # whole or absent
+    return texts
 
 
 def write_chunk(path: Path, model: torch.nn.Module, sequences: list[list[int]], prompt_lens: list[int],

@@ -9,6 +9,7 @@ Spec-Bench's chat questions as on their own held-out prompts).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def _end_of_turn(lm: Any, text: str, ended: bool) -> str | None:
 @torch.inference_mode()
 def self_instruct_prompts(lm: Any, n: int, seed: int = 0, guard: EvalSetGuard | None = None,
                           batch_size: int = 32, max_tokens: int = 96, temperature: float = 1.0,
-                          top_p: float = 0.95, min_words: int = 3) -> list[str]:
+                          top_p: float = 0.95, min_words: int = 3, progress: bool = False) -> list[str]:
     """n distinct user messages sampled from the target (deterministic for a seed on one machine)."""
     guard = guard if guard is not None else EvalSetGuard()
     prefix = torch.tensor([user_turn_prefix(lm)])
@@ -47,6 +48,7 @@ def self_instruct_prompts(lm: Any, n: int, seed: int = 0, guard: EvalSetGuard | 
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0]
     prompts: list[str] = []
     seen: set[str] = set()
+    start = time.perf_counter()
     for attempt in range(50 * (n // batch_size + 1)):
         if len(prompts) >= n:
             break
@@ -62,6 +64,9 @@ def self_instruct_prompts(lm: Any, n: int, seed: int = 0, guard: EvalSetGuard | 
                 continue
             seen.add(text.lower())
             prompts.append(text)
+        if progress:
+            print(f"[data] self-instruct: {min(len(prompts), n)}/{n} user turns  {time.perf_counter() - start:.0f}s",
+                  flush=True)
     if len(prompts) < n:
         raise ValueError(f"the model wrote only {len(prompts)} usable distinct user messages of the {n} asked")
     return prompts[:n]
