@@ -140,3 +140,21 @@ def test_self_instruct_on_the_real_model_writes_user_turns_in_the_bench_layout()
     prompts = self_instruct_prompts(smol, 4, seed=3, batch_size=4, max_tokens=48)
     assert len(set(prompts)) == 4 and all(len(p.split()) >= 3 for p in prompts)
     assert not any("<|im_" in p for p in prompts)  # special tokens are not part of the message
+
+
+def test_several_datasets_train_together_each_holding_out_its_own(tmp_path):
+    from types import SimpleNamespace
+
+    from verispec.training.cli import ensure_data
+    from verispec.training.common import load_split
+
+    lm = tiny_llama()
+    a = write_dataset(lm, tmp_path / "a", [[1, 2, 3]] * 4, [1] * 4, chunk_size=2)
+    b = write_dataset(lm, tmp_path / "b", [[4, 5, 6, 7]] * 6, [2] * 6, chunk_size=2)
+    train, held = load_split([a, b])
+    assert [len(s.ids) for s in held] == [3, 3, 4, 4]  # the last chunk of each
+    assert len(train) == 2 + 4
+    args = SimpleNamespace(data=[str(a), str(tmp_path / "missing")], model="m", samples=4, seed=0)
+    with pytest.raises(ValueError, match="build each of several"):
+        ensure_data(args, lm, features=True)
+    assert ensure_data(SimpleNamespace(data=[str(a), str(b)], model="m", samples=4, seed=0), lm) == [a, b]

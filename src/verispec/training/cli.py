@@ -29,7 +29,8 @@ def add_common(p) -> None:
 def add_parser(subparsers) -> None:
     train = subparsers.add_parser("train", help="build distillation data; train draft models, Medusa and EAGLE heads")
     sub = train.add_subparsers(dest="trainer", required=True)
-    p = sub.add_parser("data", help="the target answers prompts made from local text; answers and features saved")
+    p = sub.add_parser("data", help="the target answers prompts (its own self-instruct user turns, or "
+                                                "made from local text); answers and features saved")
     add_common(p)
     p.add_argument("--out", help="dataset directory (default: $VERISPEC_HOME/training-data/<model>)")
     p.add_argument("--from", dest="sources", nargs="+",
@@ -55,6 +56,9 @@ def ensure_data(args, lm, features: bool = True) -> list[Path]:
     paths = [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
     for path in paths:
         if not (path / "manifest.json").exists() or args.data is None:
+            if len(paths) > 1:  # building each the same way would make copies of one dataset
+                raise ValueError(f"{path} is not a dataset; build each of several --data directories first "
+                                 "with 'verispec train data --out DIR'")
             build_dataset(lm, path, n_samples=args.samples, seed=args.seed, features=features)
         check_dataset_for(lm, path, need_features=features)
     return paths
