@@ -216,6 +216,33 @@ def test_interrupted_run_keeps_finished_questions_and_resumes(tiny_lm, questions
         run(tiny_lm, questions, out, methods=["ar"], max_new_tokens=8)
 
 
+def test_a_method_that_raises_is_recorded_and_the_run_goes_on(tiny_lm, questions, tmp_path, monkeypatch):
+    original = runner.VerispecMethod.generate
+    broken = {"on": True}
+
+    def fails_on_question_161(self, prompt_ids, *args, **kwargs):
+        if broken["on"] and self.name == "prompt-lookup" and list(prompt_ids) == q161_prompt:
+            raise RuntimeError("planted failure")
+        return original(self, prompt_ids, *args, **kwargs)
+
+    q161 = next(q for q in QUESTIONS if q["question_id"] == 161)
+    q161_prompt = CharFormatter().encode([{"role": "user", "content": q161["turns"][0]}])
+    monkeypatch.setattr(runner.VerispecMethod, "generate", fails_on_question_161)
+    out = tmp_path / "run"
+    result = run(tiny_lm, questions, out, methods=["ar", "prompt-lookup"])
+    assert not result.interrupted and result.ran == 4
+    assert [r["question_id"] for r in read_answers(out / "prompt-lookup.jsonl")] == [81, 131, 321]
+    assert len(read_answers(out / "ar.jsonl")) == 4
+    failed = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["method"], f["question_id"]) for f in failed] == [("prompt-lookup", 161)]
+    text = (out / "report.md").read_text()
+    assert "## Failures" in text and "planted failure" in text
+    assert "failures" not in json.loads((out / "metrics.json").read_text())["methods"]  # not read as a method
+    broken["on"] = False  # a rerun tries the failed question again
+    again = run(tiny_lm, questions, out, methods=["ar", "prompt-lookup"])
+    assert again.ran == 1 and len(read_answers(out / "prompt-lookup.jsonl")) == 4
+
+
 def test_repeats_give_medians_and_spread(tiny_lm, questions, tmp_path):
     out = tmp_path / "run"
     run(tiny_lm, questions, out, methods=["ar", "prompt-lookup"], repeats=3, tasks=["qa"])

@@ -18,6 +18,7 @@ METRICS_FILE = "metrics.json"
 CHARTS = {"speedup": "speedup.png", "accept_lengths": "accept_lengths.png", "time_split": "time_split.png"}
 MAX_POSITIONS = 10  # acceptance-rate columns shown
 MAX_DIFFERENCES = 8  # losslessness differences listed per method
+FAILURES_FILE = "failures.jsonl"  # methods that raised on a question (the run went on without them)
 
 
 def load_run(out: Path) -> tuple[dict, dict[str, list[dict]]]:
@@ -27,7 +28,7 @@ def load_run(out: Path) -> tuple[dict, dict[str, list[dict]]]:
         raise ValueError(f"{out} is not a folder; pass the --out folder of a bench run")
     run_path = out / RUN_FILE
     run = json.loads(run_path.read_text()) if run_path.is_file() else {}
-    files = {p.stem: p for p in sorted(out.glob("*.jsonl"))}
+    files = {p.stem: p for p in sorted(out.glob("*.jsonl")) if p.name != FAILURES_FILE}
     if not files:
         raise ValueError(f"{out} holds no answer files (*.jsonl); run `verispec bench ... --out {out}` first")
     order = [m for m in run.get("methods", []) if m in files] + sorted(m for m in files if m not in run.get("methods", []))
@@ -122,6 +123,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
     parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"))
+    parts += _failures_section(out)
     parts += _trace_section(out, methods, tasks)
     if charts:
         parts += ["## Charts", ""]
@@ -209,6 +211,16 @@ def _time_section(methods: dict, baseline: str | None = None) -> list[str]:
         lines += ["\\* includes the phases that method does not expose (n/a): for `hf-*` peers only the target's "
                   "(and an assistant model's) forward passes are timed, with forward hooks.", ""]
     return lines
+
+
+def _failures_section(out: Path) -> list[str]:
+    path = Path(out) / FAILURES_FILE
+    if not path.is_file():
+        return []
+    failed = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["## Failures", "", "Questions a method raised on; they have no answer from it and are left out "
+             "of its numbers (a rerun of the same command tries them again).", ""]
+    return lines + [f"- `{f['method']}` q{f['question_id']} ({f['category']}): {f['error'][:200]}" for f in failed] + [""]
 
 
 def _lossless_section(summary: dict, dtype: str | None = None) -> list[str]:

@@ -353,8 +353,10 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
             with _Progress(progress, units) as bar:
                 for number, q in enumerate(pending):
                     todo = [m for m in config.methods if q.question_id not in done[m]]
-                    runs = _run_question(q, todo, runners, formatter, config, bar, number)
-                    for m in todo:
+                    runs, failures = _run_question(q, todo, runners, formatter, config, bar, number)
+                    for m, error in failures.items():  # no answer record: a rerun tries it again
+                        _record_failure(out, q, m, error)
+                    for m in (m for m in todo if m not in failures):
                         append_answer(answer_path(out, m), _record(q, m, runners[m], runs[m], config))
                         done[m].add(q.question_id)
                         if config.traces and first_of_task.get(q.task) == q.question_id:
@@ -372,16 +374,31 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
     return result
 
 
-def _run_question(q, todo, runners, formatter, config, bar, number) -> dict[str, list[list[tuple]]]:
-    """runs[method][repeat] = [(GenerationOutput, wall seconds, answer text) per turn]."""
+def _run_question(q, todo, runners, formatter, config, bar, number) -> tuple[dict[str, list], dict[str, str]]:
+    """runs[method][repeat] = [(GenerationOutput, wall seconds, answer text) per turn], and
+    failures[method] = the error of a method that raised on this question."""
     runs: dict[str, list] = {m: [] for m in todo}
+    failures: dict[str, str] = {}
     for repeat in range(config.repeats):
         shift = (number + repeat) % len(todo)
         for m in todo[shift:] + todo[:shift]:
             bar.describe(f"q{q.question_id} {q.task} · {m}" + (f" · repeat {repeat + 1}" if config.repeats > 1 else ""))
-            runs[m].append(_converse(q, runners[m], formatter, config))
+            if m not in failures:
+                try:
+                    runs[m].append(_converse(q, runners[m], formatter, config))
+                except Exception as e:  # one method failing on one question must not end the whole run
+                    failures[m] = f"{type(e).__name__}: {e}"
             bar.advance()
-    return runs
+    return runs, failures
+
+
+def _record_failure(out: Path, q, method: str, error: str) -> None:
+    from .report import FAILURES_FILE
+
+    with open(out / FAILURES_FILE, "a") as fh:
+        fh.write(json.dumps({"question_id": q.question_id, "category": q.category, "method": method,
+                             "error": error}) + "\n")
+    _say(True, f"{method} failed on q{q.question_id} ({error}); recorded in {out / FAILURES_FILE}; the run goes on")
 
 
 def _converse(q, runner, formatter, config, max_new_tokens: int | None = None, turns: int | None = None):
