@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from . import metrics
-from .runner import BASELINE, RUN_FILE, read_answers, trace_path
+from .runner import BASELINE, FAILURES_FILE, RUN_FILE, read_answers, trace_path
 from .suites import TASK_TITLES
 
 REPORT_FILE = "report.md"
@@ -18,7 +18,6 @@ METRICS_FILE = "metrics.json"
 CHARTS = {"speedup": "speedup.png", "accept_lengths": "accept_lengths.png", "time_split": "time_split.png"}
 MAX_POSITIONS = 10  # acceptance-rate columns shown
 MAX_DIFFERENCES = 8  # losslessness differences listed per method
-FAILURES_FILE = "failures.jsonl"  # methods that raised on a question (the run went on without them)
 
 
 def load_run(out: Path) -> tuple[dict, dict[str, list[dict]]]:

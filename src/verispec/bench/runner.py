@@ -29,6 +29,7 @@ DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
 BASELINE = "ar"
 PHASES = ("prefill", "draft", "target", "accept")
 RUN_FILE = "run.json"
+FAILURES_FILE = "failures.jsonl"  # methods that raised on a question (the run went on without them)
 TRACE_DIR = "traces"
 # settings that must match to resume into (or add methods to) an existing output folder
 _SAME_RUN_KEYS = ("suite", "model", "dtype", "max_new_tokens", "temperature", "seed", "repeats", "draft",
@@ -393,8 +394,6 @@ def _run_question(q, todo, runners, formatter, config, bar, number) -> tuple[dic
 
 
 def _record_failure(out: Path, q, method: str, error: str) -> None:
-    from .report import FAILURES_FILE
-
     with open(out / FAILURES_FILE, "a") as fh:
         fh.write(json.dumps({"question_id": q.question_id, "category": q.category, "method": method,
                              "error": error}) + "\n")
