@@ -50,10 +50,15 @@ def add_parser(subparsers) -> None:
         p.set_defaults(func=mod.run)
 
 
+def data_dirs(args) -> list[Path]:
+    """The dataset directories of --data, or the model's default one."""
+    return [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+
+
 def ensure_data(args, lm, features: bool = True) -> list[Path]:
     """The datasets of --data, or the default one for the model, built (or resumed) first."""
     from .data import build_dataset, check_dataset_for
-    paths = [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+    paths = data_dirs(args)
     for path in paths:
         if not (path / "manifest.json").exists() or args.data is None:
             if len(paths) > 1:  # building each the same way would make copies of one dataset

@@ -368,9 +368,9 @@ def _check_args(args) -> None:
 def _load_data(args, lm) -> tuple[list[Path], bool]:
     """The dataset directories, and whether they all hold the target's features (which spare
     a target forward per step)."""
-    from .cli import default_data_dir, ensure_data
+    from .cli import data_dirs, ensure_data
     from .data import load_manifest
-    paths = [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+    paths = data_dirs(args)
     features = all(load_manifest(p).get("features") for p in paths if (p / "manifest.json").exists())
     return ensure_data(args, lm, features=features), features
 
