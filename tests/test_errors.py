@@ -65,3 +65,23 @@ def test_invalid_sampling(tiny, bad):
 
 def test_methods_listed():
     assert {"ar", "prompt-lookup", "draft-model"} <= set(verispec.methods())
+
+
+def test_compare_explains_reduced_precision_differences(capsys):
+    from types import SimpleNamespace
+
+    from verispec.cli import print_stats
+
+    stats = SimpleNamespace(new_tokens=4, wall_time_s=1.0, tokens_per_s=4.0, target_passes=2, mean_accepted_tokens=2.0,
+                            drafted_tokens=4, accepted_tokens=2, acceptance_rate=0.5,
+                            acceptance_rate_per_position=[0.5], time_s={k: 0.1 for k in
+                                                                        ("prefill", "draft", "target", "accept")},
+                            time_other_s=0.0)
+    base = SimpleNamespace(new_tokens=4, tokens_per_s=2.0)
+    print_stats("prompt-lookup", stats, base, identical=False, dtype="bfloat16")
+    lines = capsys.readouterr().err.splitlines()
+    assert "identical to ar: no" in lines[-2] and "--dtype float32 checks exactness" in lines[-1]
+    print_stats("prompt-lookup", stats, base, identical=False, dtype="float32")
+    assert "--dtype float32" not in capsys.readouterr().err  # in float32 a difference is a real one
+    print_stats("prompt-lookup", stats, base, identical=True, dtype="bfloat16")
+    assert "round differently" not in capsys.readouterr().err
