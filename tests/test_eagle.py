@@ -80,6 +80,8 @@ def test_training_lowers_loss_and_raises_heldout_agreement(tiny_data, trained):
     held = list(iter_samples(tiny_data[1], split_chunks(tiny_data[1])[1]))  # prompts never trained on
     before = evaluate(untrained, lm, held)
     assert report["top1"] > before["top1"] + 0.2
+    # only the target's predictions after the prompt count (of tokens prompt_len .. len): what the head drafts
+    assert before["positions"] == sum(len(s.ids) - s.prompt_len + 1 for s in held) < sum(len(s.ids) - 1 for s in held)
     losses = [v for _, v in torch.load(path / "trainer-state.pt", weights_only=False)["history"]["train loss"]]
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
     assert (path / "loss.png").stat().st_size > 0 and json.loads((path / "training.json").read_text())["steps"] == 100

@@ -197,4 +197,4 @@ def evaluate(head, lm, held, batch_tokens: int = 4096) -> dict:
         guess2 = (pred2 @ Wfull.T).argmax(-1)
         hits2 += ((guess2 == truth[:, 1:]) & mask2).sum().item()
         n2 += mask2.sum().item()
-    return {"top1": hits1 / max(n1, 1), "top1_depth2": hits2 / max(n2, 1)}
+    return {"top1": hits1 / max(n1, 1), "top1_depth2": hits2 / max(n2, 1), "positions": n1}
