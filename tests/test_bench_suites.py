@@ -41,10 +41,13 @@ def test_per_task_takes_the_first_n_of_each_task():
 
 
 @needs_real
-def test_default_path_found_from_the_repository_root(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing relative to here: falls back on the repository root
-    assert suites.default_question_path() == REAL.resolve()
-    assert suites.resolve_questions(None) == REAL.resolve()
+def test_default_is_the_shipped_copy_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: the package data is found all the same
+    shipped = suites.default_question_path()
+    assert shipped is not None and shipped.parent.name == "spec_bench" and shipped.parent.parent.name == "assets"
+    assert suites.resolve_questions(None) == shipped
+    assert shipped.read_bytes() == REAL.read_bytes()  # an unchanged copy of the shared file
+    assert {"LICENSE", "SOURCE.md"} <= {p.name for p in shipped.parent.iterdir()}
 
 
 def test_no_default_path_asks_for_questions(tmp_path, monkeypatch):

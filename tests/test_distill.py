@@ -205,8 +205,9 @@ def _args(target_dir, data, out, *extra):
 @pytest.fixture(scope="module")
 def trained_dir(target_dir, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("draft")
-    # a step budget, not a time budget: a busy machine must not change what the test trains
-    assert distill.run(_args(target_dir, tiny_data, out, "--minutes", "10", "--max-steps", "30", "--on-policy", "0.3",
+    # a step budget, not a time budget: a busy machine must not change what the test trains. 60 steps: with 30
+    # (20 of them warm-up) held-out acceptance gains 0.02-0.05 over seeds 0-2, with 60 0.05-0.07
+    assert distill.run(_args(target_dir, tiny_data, out, "--minutes", "10", "--max-steps", "60", "--on-policy", "0.3",
                              "--on-policy-tokens", "8")) == 0
     return out
 
@@ -216,11 +217,11 @@ def test_run_writes_a_loadable_draft_that_keeps_greedy_output(tiny_target, train
     assert report["steps"] > 0 and report["layers"] == [0, 3]
     # expected acceptance (sum of min(p, q)) is what distillation optimises; top-1 agreement on 8
     # held-out samples of a random tiny target is too coarse to move reliably in a few steps
-    assert report["after"]["acceptance"] > report["before"]["acceptance"] + 0.02
+    assert report["acceptance"] > report["before"]["acceptance"] + 0.02
     assert report["data"]["train_samples"] == 16 and report["data"]["held_out_samples"] == 8
     assert report["on_policy_steps"] > 0
     for name in ("config.json", "model.safetensors", "generation_config.json", "README.md",
-                 "verispec-draft.json", "loss.png", "agreement.png"):
+                 "verispec-draft.json", "loss.png", "heldout.png"):
         assert (trained_dir / name).is_file(), name
     draft = verispec.load_model(trained_dir, dtype="float32")
     assert draft.model.config.num_hidden_layers == 2

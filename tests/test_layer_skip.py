@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from verispec import SamplingConfig, SpeculativeGenerator
 from verispec import calibrate
@@ -15,6 +14,7 @@ from verispec.draft_init import layer_subset
 from verispec.drafters.layer_skip import LayerSkip, skip_layers_view
 from verispec.engine.sampling import probabilities
 from conftest import TinyLM, hf_greedy, tiny_llama
+from stat_power import ALPHA, draws_for_power, pooled_chisquare, slipped_pair
 
 PROMPTS = [[5, 17, 33, 2, 8, 61, 5, 17], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], [42], [9, 9, 9, 9, 10, 11, 9, 9]]
 
@@ -122,10 +122,11 @@ def test_sampling_matches_target_joint_distribution(options):
     exact = p1[:, None] * p2
     gen = SpeculativeGenerator(target, method="layer-skip", **options)
     counts = torch.zeros(6, 6)
-    for seed in range(1500):
+    # enough draws to catch a second token verified against the wrong context (stat_power)
+    for seed in range(draws_for_power(exact, slipped_pair(exact))):
         out = gen.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed)
         counts[out.token_ids[0], out.token_ids[1]] += 1
-    assert chisquare(counts.flatten().numpy(), (exact.flatten() * counts.sum()).numpy()).pvalue > 1e-3
+    assert pooled_chisquare(counts, exact) > ALPHA
 
 
 # --- calibration ---
@@ -207,15 +208,12 @@ def test_read_prompts(tmp_path):
         calibrate.read_prompts([str(tmp_path / "bad.jsonl")])
 
 
-def test_cli_calibrates_a_model_directory(tmp_path, monkeypatch):
+@pytest.mark.real  # the real tokenizer
+def test_cli_calibrates_a_model_directory(tmp_path, monkeypatch, real_model_dir):
     """`verispec calibrate` end to end on a tiny model saved with a real tokenizer."""
     from transformers import AutoTokenizer
 
-    from verispec.models import model_dir
-
-    smol_dir = model_dir("smollm2-135m-instruct")
-    if not (smol_dir / "tokenizer.json").is_file():
-        pytest.skip("smollm2-135m-instruct is not fetched")
+    smol_dir = real_model_dir
     tiny = tiny_llama(vocab=49152, hidden=32, layers=3, seed=4)
     tiny.model.save_pretrained(tmp_path / "tiny-smol")
     AutoTokenizer.from_pretrained(smol_dir).save_pretrained(tmp_path / "tiny-smol")
@@ -238,7 +236,7 @@ def test_cli_calibrates_a_model_directory(tmp_path, monkeypatch):
 # --- the real model ---
 
 @pytest.mark.real
-def test_real_model_greedy_equals_generate():
+def test_real_model_greedy_equals_generate(smol):  # smol: the shared model check_real_greedy uses
     from test_real_model import check_real_greedy
 
     # over one token per target pass: some drafts were accepted

@@ -257,7 +257,8 @@ def _greedy_chat(lm: LoadedModel, prompt: str, n: int = 24) -> str:
 
 
 @pytest.mark.real
-def test_real_smollm2_fetch_load_generate():
+def test_real_smollm2_fetch_load_generate(real_model_dir):
+    # its own copy: this tests load_model itself, with the default dtype (not the shared float32 one)
     lm = load_model("smollm2-135m-instruct", device="cpu")  # default home: shared cache
     assert models.is_fetched("smollm2-135m-instruct")
     assert type(lm.model).__name__ == "LlamaForCausalLM"

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import verispec
 from verispec import SpeculativeGenerator
 from verispec.draft_init import layer_subset
-from conftest import ScriptedDrafter
+from conftest import ScriptedDrafter, real_model
 
 pytestmark = pytest.mark.real
 
@@ -38,8 +37,9 @@ def spec_bench_first_turns() -> list[str]:
 def real_cases(max_new: int = 32):
     """smollm2-135m-instruct (float32) and 10 (prompt ids, greedy reference) pairs: the first
     Spec-Bench question of 7 tasks with the chat template, 3 plain texts. Shared by the
-    method test files, so the references are computed once per run."""
-    smol = verispec.load_model("smollm2-135m-instruct", dtype="float32")
+    method test files, so the references are computed once per run. The model is the run's
+    one shared copy (conftest.real_model, the `smol` fixture)."""
+    smol = real_model()
     prompts = [smol.encode(q, chat=True) for q in spec_bench_first_turns()]
     prompts += [smol.encode(t) for t in ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
                                          "import argparse\n\nparser = argparse.ArgumentParser(",
@@ -62,11 +62,6 @@ def check_real_greedy(method: str, **options) -> float:
         assert out.token_ids == ref, f"{method} differs from generate() on {smol.decode(ids)[:60]!r}"
         passes, tokens = passes + out.stats.target_passes, tokens + out.stats.new_tokens
     return tokens / passes
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return verispec.load_model("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +96,9 @@ STATIC_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 
     ("draft-model", {"k": 4}),
     ("draft-model", {"tree": STATIC_TREE}),
     ("draft-model", {"tree": "dynamic", "depth": 4, "top_k": 3, "budget": 12}),
-    ("eagle", {}),  # the trained head shipped in drafters/ (EAGLE-2 dynamic tree, draft vocabulary 8192)
+    ("eagle", {}),  # the trained head shipped in verispec/assets/drafters/ (EAGLE-2 dynamic tree, draft vocabulary 8192)
     ("eagle", {"tree": "chain", "k": 4}),
-    ("medusa", {}),  # the trained heads shipped in drafters/
+    ("medusa", {}),  # the trained heads shipped in verispec/assets/drafters/
 ], ids=["ar", "prompt-lookup", "draft-chain", "draft-static-tree", "draft-dynamic-tree", "eagle-dynamic",
         "eagle-chain", "medusa"])
 def test_greedy_equals_hf_generate(smol, cases, small_draft, method, options):

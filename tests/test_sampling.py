@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from verispec import SamplingConfig, SpeculativeGenerator
 from verispec.acceptance import SpeculativeSamplingRule
@@ -11,6 +10,7 @@ from verispec.acceptance.base import Verdict
 from verispec.engine.sampling import probabilities
 from verispec.engine.tree import TokenTree
 from conftest import tiny_llama
+from stat_power import ALPHA, draws_for_power, pooled_chisquare, slipped_pair
 
 V = 5  # vocabulary of the model-free tests
 
@@ -88,19 +88,36 @@ def exact_first_two() -> torch.Tensor:
 
 
 def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    n = counts.sum()
-    return chisquare(counts.flatten().numpy(), (expected_probs.flatten() * n).numpy()).pvalue
+    return pooled_chisquare(counts, expected_probs)
+
+
+def no_residual_first_token(siblings: int = 3) -> torch.Tensor:
+    """The first token's exact distribution under NoResidualRule (below) when the root has
+    `siblings` children drawn with replacement from q: each is accepted with probability
+    min(p, q)(x), and p is never replaced by the residual."""
+    p, q = target_p(()), draft_q(())
+    hit = torch.minimum(p, q)
+    miss = 1 - hit.sum()
+    return hit * sum(miss**i for i in range(siblings)) + miss**siblings * p
+
+
+# Every model-free test draws enough to catch the subtlest wrong rule the suite shows it
+# catches, NoResidualRule, with power 0.99 at false-alarm rate 1e-3 (stat_power). Its bias
+# is put on the first token only here (the second is drawn right), so its real bias, on both
+# tokens, is larger and the real power higher.
+NO_RESIDUAL_PAIR = torch.stack([no_residual_first_token()[a] * target_p((a,)) for a in range(V)])
+DRAWS = draws_for_power(exact_first_two(), NO_RESIDUAL_PAIR)
 
 
 @pytest.mark.parametrize("k,one_hot", [(1, False), (3, False), (3, True)])
 def test_speculative_sampling_reproduces_target_distribution(k, one_hot):
-    counts = simulate(SpeculativeSamplingRule(), k, one_hot, draws=6000, seed=k)
-    assert chi_square_p(counts, exact_first_two()) > 1e-3
+    counts = simulate(SpeculativeSamplingRule(), k, one_hot, draws=DRAWS, seed=k)
+    assert chi_square_p(counts, exact_first_two()) > ALPHA
 
 
 def test_wrong_rule_fails_the_same_test():
-    counts = simulate(AcceptAll(), 3, False, draws=6000)
-    assert chi_square_p(counts, exact_first_two()) < 1e-6
+    counts = simulate(AcceptAll(), 3, False, draws=DRAWS)
+    assert chi_square_p(counts, exact_first_two()) < ALPHA
 
 
 def test_multi_draft_children_reproduce_target_distribution():
@@ -109,13 +126,14 @@ def test_multi_draft_children_reproduce_target_distribution():
     sampling, rule = SamplingConfig(temperature=1.0), SpeculativeSamplingRule()
     p, q = target_p(()), draft_q(())
     counts = torch.zeros(V)
-    for _ in range(6000):
+    draws = draws_for_power(p, no_residual_first_token(siblings=3))  # the wrong rule's exact bias here
+    for _ in range(draws):
         kids = torch.multinomial(q, 3, replacement=True, generator=rng).tolist()
         tree = TokenTree((0, *kids), (-1, 0, 0, 0), torch.stack([q] * 4))
         logits = torch.stack([p.log()] + [target_p((x,)).log() for x in kids])
         v = rule.verify(tree, logits, sampling, rng)
         counts[tree.tokens[v.accepted[0]] if v.accepted else v.next_token] += 1
-    assert chisquare(counts.numpy(), (p * 6000).numpy()).pvalue > 1e-3
+    assert pooled_chisquare(counts, p) > ALPHA
 
 
 # --- end to end: the generator with a draft model on a tiny-vocabulary model ---
@@ -137,12 +155,12 @@ def test_generator_sampling_matches_target_joint_distribution(temperature, top_k
     exact = p1[:, None] * p2
     gen = SpeculativeGenerator(target, method="draft-model", draft=draft, **options)
     counts = torch.zeros(6, 6)
-    for seed in range(1500):
+    for seed in range(draws_for_power(exact, slipped_pair(exact))):
         out = gen.generate(prompt, max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         counts[out.token_ids[0], out.token_ids[1]] += 1
     keep = exact.flatten() > 0  # filtered-out pairs must never appear
     assert counts.flatten()[~keep].sum() == 0
-    assert chisquare(counts.flatten()[keep].numpy(), (exact.flatten()[keep] * counts.sum()).numpy()).pvalue > 1e-3
+    assert pooled_chisquare(counts, exact) > ALPHA
 
 
 # --- token trees: multi-draft speculative sampling over grown trees ---
@@ -184,8 +202,8 @@ def tree_counts(rule, mode: str, draws: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["sample", "sample-unique", "topk"])
 def test_multi_draft_tree_sampling_reproduces_target(mode):
-    counts = tree_counts(SpeculativeSamplingRule(), mode, draws=4000, seed=11)
-    assert chi_square_p(counts, exact_first_two()) > 1e-3
+    counts = tree_counts(SpeculativeSamplingRule(), mode, draws=DRAWS, seed=11)
+    assert chi_square_p(counts, exact_first_two()) > ALPHA
 
 
 class NoResidualRule(SpeculativeSamplingRule):
@@ -201,5 +219,5 @@ class NoResidualRule(SpeculativeSamplingRule):
 
 
 def test_wrong_residual_fails_the_tree_test():
-    counts = tree_counts(NoResidualRule(), "sample", draws=4000, seed=11)
-    assert chi_square_p(counts, exact_first_two()) < 1e-6
+    counts = tree_counts(NoResidualRule(), "sample", draws=DRAWS, seed=11)
+    assert chi_square_p(counts, exact_first_two()) < ALPHA

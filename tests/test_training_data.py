@@ -81,18 +81,16 @@ def test_token_ranking_puts_answer_tokens_first():
     assert ranking[:5] == [7, 3, 5, 2, 0] and sorted(ranking) == list(range(9))
 
 
-class _ScriptedModel:
-    """Stands in for a model's generate(): returns the scripted continuations, a batch at a time."""
+class _ScriptedWriter:
+    """Stands in for the model's sampling of user turns: the scripted continuations, a batch at a time."""
 
-    def __init__(self, rows: list[list[int]]):
-        self.rows = rows
+    def __init__(self, rows: list[list[int]], eos: int):
+        self.rows, self.eos = rows, eos
 
-    def generate(self, input_ids, max_new_tokens, **_):
-        batch, self.rows = self.rows[:len(input_ids)], self.rows[len(input_ids):]
-        batch += [[0]] * (len(input_ids) - len(batch))  # an empty message once the script is spent
-        width = max(map(len, batch))
-        tail = torch.tensor([r + [0] * (width - len(r)) for r in batch])
-        return torch.cat([input_ids, tail], 1)
+    def __call__(self, prefix, rows, max_tokens, sampler):
+        batch, self.rows = self.rows[:rows], self.rows[rows:]
+        batch += [[0]] * (rows - len(batch))  # an empty message once the script is spent
+        return [(r, self.eos in r) for r in batch]
 
 
 def _smol_tokenizer():
@@ -120,20 +118,20 @@ def test_self_instruct_keeps_finished_distinct_clean_messages(corpus):
               msg("Hi"),  # too short
               msg(f"Please do this: {QUESTION}"),  # quotes the evaluation set
               msg("Translate 'good morning' into French.")]
-    lm = SimpleNamespace(tokenizer=tok, eos_token_ids=[eos], model=_ScriptedModel(script))
-    got = self_instruct_prompts(lm, 2, guard=EvalSetGuard([qfile]), batch_size=3)
+    lm = SimpleNamespace(tokenizer=tok, eos_token_ids=[eos], model=None)
+    got = self_instruct_prompts(lm, 2, guard=EvalSetGuard([qfile]), batch_size=3, write=_ScriptedWriter(script, eos))
     assert got == ["How do tides work?", "Translate 'good morning' into French."]
-    lm.model = _ScriptedModel([msg("Only one usable message here.")])
     with pytest.raises(ValueError, match="only 1 usable"):
-        self_instruct_prompts(lm, 2, batch_size=3)
+        self_instruct_prompts(lm, 2, batch_size=3, write=_ScriptedWriter([msg("Only one usable message here.")], eos))
 
 
 @pytest.mark.real
-def test_self_instruct_on_the_real_model_writes_user_turns_in_the_bench_layout():
+def test_self_instruct_on_the_real_model_writes_user_turns_in_the_bench_layout(real_model_dir):
     import verispec
     from verispec.bench.runner import ChatFormatter
     from verispec.training.self_instruct import self_instruct_prompts, user_turn_prefix
 
+    # its own copy: self-instruct is checked in bfloat16, not on the shared float32 model
     smol = verispec.load_model("smollm2-135m-instruct", dtype="bfloat16")
     prefix = user_turn_prefix(smol)
     assert ChatFormatter(smol).encode([{"role": "user", "content": "Hello there"}])[:len(prefix)] == prefix

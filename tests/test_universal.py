@@ -9,7 +9,6 @@ import string
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from verispec import LoadedModel, SamplingConfig, SpeculativeGenerator
 from verispec.drafters.draft_model import _common_prefix
@@ -17,8 +16,8 @@ from verispec.drafters.universal import (
     IncrementalText, Retokenizer, Universal, continuation_ids, decode_raw, encode_raw, special_prefix, text_delta,
 )
 from verispec.engine.sampling import probabilities
-from verispec.models import model_dir
-from conftest import TinyLM, hf_greedy, tiny_llama
+from conftest import TinyLM, fetched, hf_greedy, tiny_llama
+from stat_power import ALPHA, draws_for_power, pooled_chisquare, slipped_pair
 
 CPU = torch.device("cpu")
 CHARS = sorted(set(string.printable) - set("\x0b\x0c\r"))
@@ -45,13 +44,10 @@ def char_tokenizer(order_seed: int | None = None, merges=(), normalizer=None):
 def real_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = model_dir(name)
-    if not (path / "tokenizer_config.json").is_file():
-        pytest.skip(f"{name} is not fetched")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(fetched(name))  # fetched now if need be; fails loudly if it cannot be
 
 
-@pytest.fixture(scope="module", params=["smollm2-135m-instruct", "gemma3-270m"])
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.real) for n in ["smollm2-135m-instruct", "gemma3-270m"]])
 def tok(request):
     return real_tokenizer(request.param)
 
@@ -83,6 +79,7 @@ def test_continuation_uses_the_canonical_cut_where_the_seam_allows(tok):
     assert cand == encode_raw(tok, "Hello world. How are you?")[len(committed):]
 
 
+@pytest.mark.real  # the real tokenizers, fetched by conftest.fetched
 def test_continuation_after_special_tokens():
     smol = real_tokenizer("smollm2-135m-instruct")
     committed = list(smol.apply_chat_template([{"role": "user", "content": "Hi!"}], add_generation_prompt=True,
@@ -92,6 +89,7 @@ def test_continuation_after_special_tokens():
     assert not set(cand) & set(smol.all_special_ids)
 
 
+@pytest.mark.real  # the real tokenizers, fetched by conftest.fetched
 def test_continuation_keeps_only_a_consistent_prefix():
     smol = real_tokenizer("smollm2-135m-instruct")
     committed = encode_raw(smol, "A smile: ")
@@ -136,6 +134,7 @@ def test_retokenizer_reencodes_only_the_seam(tok):
             assert _common_prefix(before, r.body) >= len(before) - 4  # the cache for the rest is kept
 
 
+@pytest.mark.real  # the real tokenizers, fetched by conftest.fetched
 def test_retokenizer_redoes_a_token_that_the_text_extends():
     smol = real_tokenizer("smollm2-135m-instruct")
     r = Retokenizer(smol)
@@ -227,6 +226,7 @@ def test_a_draft_that_differs_only_in_token_ids_accepts_everything(char_pair, te
     assert out.stats.accept_lengths == [5] * 6
 
 
+@pytest.mark.real  # the real tokenizers, fetched by conftest.fetched
 def test_real_tokenizers_on_tiny_random_models():
     """Random models emit arbitrary byte pieces: the seams get every odd case."""
     smol_tok, gemma_tok = real_tokenizer("smollm2-135m-instruct"), real_tokenizer("gemma3-270m")
@@ -253,14 +253,16 @@ def test_sampling_matches_target_joint_distribution(char_pair):
     exact = (p1[:, None] * p2).flatten()
     gen = SpeculativeGenerator(target, method="universal", draft=draft, k=3)
     counts, drafted = torch.zeros(vocab * vocab), 0
-    for seed in range(1500):
+    # enough draws to catch a second token verified against the wrong context (stat_power)
+    draws = draws_for_power(exact, slipped_pair(exact.view(vocab, vocab)))
+    for seed in range(draws):
         out = gen.generate(prompt, max_new_tokens=2, temperature=1.0, top_k=3, seed=seed, stop_token_ids=[])
         counts[out.token_ids[0] * vocab + out.token_ids[1]] += 1
         drafted += out.stats.drafted_tokens
-    assert drafted > 1000
+    assert drafted > 2 / 3 * draws
     keep = exact > 0
     assert keep.sum() == 9 and counts[~keep].sum() == 0
-    assert chisquare(counts[keep].numpy(), (exact[keep] * counts.sum()).numpy()).pvalue > 1e-3
+    assert pooled_chisquare(counts, exact) > ALPHA
 
 
 # --- the real models ---
@@ -278,10 +280,11 @@ def _check_greedy(target, draft, prompts, k=4, max_new=32):
 
 
 @pytest.fixture(scope="module")
-def real_pair():
+def real_pair(smol):
     import verispec
 
-    return verispec.load_model("gemma3-270m", dtype="float32"), verispec.load_model("smollm2-135m-instruct", dtype="float32")
+    fetched("gemma3-270m")
+    return verispec.load_model("gemma3-270m", dtype="float32"), smol
 
 
 PLAIN = ["The capital of France is Paris. The capital of Germany is", "def fibonacci(n):\n",

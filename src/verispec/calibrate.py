@@ -26,13 +26,17 @@ import json
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .layers import decoder_layers, skip_layers_view
+from .models import load_model, verispec_home
+from .progress import progress as progress_bar
+from .progress import say
 
 FORMAT = "verispec-calibration/1"
 METHODS = ("layer-skip",)
@@ -75,8 +79,6 @@ def model_identity(lm: Any) -> dict[str, str]:
 
 def default_calibration_path(lm_or_name: Any, method: str = "layer-skip", home: str | os.PathLike | None = None) -> Path:
     """<verispec home>/calibration/<method>/<model name>.json (the file used when no skip is given)."""
-    from .models import verispec_home
-
     name = lm_or_name if isinstance(lm_or_name, str) else str(getattr(lm_or_name, "name", "model"))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
     root = Path(home).expanduser() if home is not None else verispec_home()
@@ -212,8 +214,6 @@ def best_setting(agreement, ratio: float) -> Score:
 
 
 def draft_cost_ratio(model: torch.nn.Module, skip: Sequence[int]) -> float:
-    from .drafters.layer_skip import decoder_layers
-
     layers = decoder_layers(model)
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     head = model.get_output_embeddings().weight.numel()
@@ -245,8 +245,6 @@ def calibrate_layer_skip(lm: Any, prompts: Sequence[str | list[int]] | None = No
                          max_new_tokens: int = 48, seed: int = 0, max_evals: int | None = None,
                          progress: bool = True) -> dict:
     """Search the skip set with the best estimated speedup; returns the calibration record (not saved)."""
-    from .drafters.layer_skip import decoder_layers, skip_layers_view
-
     started = time.perf_counter()
     deadline = started + 60 * minutes
     total = len(decoder_layers(lm.model))
@@ -356,16 +354,13 @@ def _encode_prompt(lm: Any, prompt: str | list[int]) -> list[int]:
 
 
 def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"verispec calibrate: {message}", file=sys.stderr, flush=True)
+    say(message, "verispec calibrate", progress)
 
 
 def _bar(progress: bool, seconds: float):
     if not progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=round(seconds), unit="s", desc="layer-skip search", file=sys.stderr)
+    return progress_bar(total=round(seconds), unit="s", desc="layer-skip search")
 
 
 def _tick(bar, started: float, best: Score) -> None:
@@ -422,11 +417,9 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    import verispec
-
     if args.minutes <= 0 or args.max_new_tokens < 2:
         raise ValueError("--minutes must be > 0 and --max-new-tokens at least 2")
-    lm = verispec.load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     prompts = read_prompts(args.prompts) if args.prompts else None
     record = calibrate_layer_skip(lm, prompts, minutes=args.minutes, max_new_tokens=args.max_new_tokens, seed=args.seed)
     path = save_calibration(record, args.out or default_calibration_path(lm))

@@ -9,14 +9,21 @@ from typing import Any
 
 import verispec
 
+from . import calibrate, datastore, trace
+from .bench import cli as bench_cli
+from .models import fetch, list_models
+from .training import cli as training_cli
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are Python literals where they parse (3, 0.5, True), else strings."""
+
+def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """`key=value` pairs; values are Python literals where they parse (3, 0.5, True), else strings.
+    Whether a key and value suit the method is the library's check (one ValueError naming both)."""
     options = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise SystemExit(f"--option takes key=value, got {pair!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE (e.g. k=5), got {pair!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -27,7 +34,8 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a speculative decoding method")
     p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local Hugging Face directory")
-    p.add_argument("--method", default="prompt-lookup", help=f"one of: {', '.join(verispec.methods())}")
+    p.add_argument("--method", default="auto", help=f"one of: {', '.join(verispec.methods())} (auto: the fastest "
+                                                   "lossless method this model has; it says which)")
     p.add_argument("--draft", help="draft model (zoo name or directory) for draft-model")
     p.add_argument("--drafter", metavar="DIR", help="trained heads for medusa / eagle (a 'verispec train' output)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
@@ -53,8 +61,9 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
+    options = parse_options(args.option)  # malformed pairs fail before the model loads
+    rule_options = parse_options(args.rule_option, "--rule-option")
     lm = verispec.load_model(args.model, dtype=args.dtype, device=args.device)
-    options = parse_options(args.option)
     if args.draft:
         options["draft"] = verispec.load_model(args.draft, dtype=args.dtype, device=args.device)
     if args.drafter:
@@ -62,7 +71,10 @@ def cmd_generate(args) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, chat=args.chat)
     gen = verispec.SpeculativeGenerator(lm, method=args.method, rule=args.rule,
-                                        rule_options=parse_options(args.rule_option), **options)
+                                        rule_options=rule_options, **options)
+    if gen.auto_reason:
+        print(f"auto: {gen.method} ({gen.auto_reason})", file=sys.stderr)
+    method = gen.method if args.method == "auto" else args.method
     gen.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})  # warm-up
     out = gen.generate(args.prompt, **sampling)
     base = None
@@ -70,23 +82,20 @@ def cmd_generate(args) -> int:
         ar = verispec.SpeculativeGenerator(lm, method="ar")
         ar.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})
         base = ar.generate(args.prompt, **sampling)
-    if args.trace_html or args.trace:
-        from . import trace
-        if args.trace_html:
-            trace.write_html(out, lm, args.trace_html, title=f"{args.method} on {args.model}")
+    if args.trace_html:
+        trace.write_html(out, lm, args.trace_html, title=f"{method} on {args.model}")
     if args.json:
-        record = {"method": args.method, "text": out.text, "token_ids": out.token_ids, "stats": out.stats.to_dict()}
+        record = {"method": method, "text": out.text, "token_ids": out.token_ids, "stats": out.stats.to_dict()}
         if base is not None:
             record.update(ar_stats=base.stats.to_dict(), speedup=out.stats.tokens_per_s / base.stats.tokens_per_s,
                           identical_to_ar=base.token_ids == out.token_ids)
         print(json.dumps(record))
         return 0
     if args.trace:
-        from . import trace
         trace.print_terminal(out, lm)
     else:
         print(out.text)
-    print_stats(args.method, out.stats, base.stats if base else None,
+    print_stats(method, out.stats, base.stats if base else None,
                 identical=None if base is None else base.token_ids == out.token_ids,
                 dtype=str(next(lm.model.parameters()).dtype).replace("torch.", ""))
     return 0
@@ -122,8 +131,6 @@ def _models_parser(sub) -> None:
 
 
 def cmd_models_list(args) -> int:
-    from .models import list_models
-
     for m in list_models():
         state = f"fetched: {m['path']}" if m["fetched"] else "not fetched"
         print(f"{m['name']:<24} {m['description']}  [{state}]")
@@ -131,36 +138,24 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_fetch(args) -> int:
-    from .models import fetch
-
     print(fetch(args.name))
     return 0
 
 
 def _bench_parser(sub) -> None:
-    try:
-        from .bench import cli as bench_cli
-    except ImportError:
-        return
     bench_cli.add_parser(sub)
 
 
 def _datastore_parser(sub) -> None:
-    from .datastore import add_parser
-
-    add_parser(sub)
+    datastore.add_parser(sub)
 
 
 def _train_parser(sub) -> None:
-    from .training.cli import add_parser
-
-    add_parser(sub)
+    training_cli.add_parser(sub)
 
 
 def _calibrate_parser(sub) -> None:
-    from .calibrate import add_parser
-
-    add_parser(sub)
+    calibrate.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

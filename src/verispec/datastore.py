@@ -24,7 +24,6 @@ CLI: `verispec datastore build --model M --from FILES... --out PATH [--generate 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import html.parser
 import json
 import re
@@ -35,6 +34,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
+
+from .models import load_model, tokenizer_identity
+from .progress import progress as progress_bar
+from .progress import say
 
 FORMAT = "verispec-datastore"
 VERSION = 1
@@ -42,22 +46,6 @@ HEADER_FILE, TOKENS_FILE, INDEX_FILE = "datastore.json", "tokens.npy", "suffix_a
 SEPARATOR = -1
 DEFAULT_SORT_DEPTH = 16
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm", ".py")
-
-
-# --- tokenizer identity -------------------------------------------------------------------
-
-def tokenizer_identity(lm: Any) -> dict:
-    """Who the token ids belong to: a LoadedModel (or anything with .tokenizer and .model) or a
-    tokenizer. The vocabulary hash decides compatibility; name_or_path is for messages."""
-    tokenizer = getattr(lm, "tokenizer", lm) if hasattr(lm, "model") else lm
-    if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-        return {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-                "vocab_hash": f"sha256:{digest}", "vocab_size": len(vocab)}
-    # a model without a tokenizer (test models): its ids mean nothing beyond their range
-    size = int(lm.model.config.vocab_size)
-    return {"name_or_path": None, "vocab_hash": f"ids-only:{size}", "vocab_size": size}
 
 
 # --- the datastore ------------------------------------------------------------------------
@@ -319,11 +307,9 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_build(args) -> int:
-    import verispec
-
     started = time.perf_counter()
     files = corpus_files(args.sources)
-    lm = verispec.load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     if lm.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer, so text files cannot be tokenised for it")
     info: dict[str, Any] = {"model": lm.name, "sources": [str(s) for s in args.sources], "n_files": len(files)}
@@ -337,7 +323,7 @@ def cmd_build(args) -> int:
                              "tokens": int(sum(len(g) for g in generated)),
                              "seconds": round(time.perf_counter() - t0, 2)}
         documents += generated
-    print(f"indexing {sum(len(d) for d in documents):,} tokens ...", file=sys.stderr)
+    say(f"indexing {sum(len(d) for d in documents):,} tokens ...", "verispec datastore")
     store = build_datastore(documents, args.out, tokenizer_identity(lm), args.sort_depth, progress=True, **info)
     size = sum((store.path / f).stat().st_size for f in (HEADER_FILE, TOKENS_FILE, INDEX_FILE))
     print(f"datastore {store.path}: {store.header['n_tokens']:,} tokens from {store.header['n_documents']:,} documents, "
@@ -357,8 +343,6 @@ def tokenize_files(tokenizer, files: Sequence[Path], batch: int = 32) -> list[li
 def generate_documents(lm, documents: list[list[int]], n: int, prompt_tokens: int, new_tokens: int,
                        chat: bool) -> list[list[int]]:
     """The model's greedy continuations of n prompts cut from evenly spaced documents."""
-    import torch
-
     usable = [d for d in documents if len(d) >= prompt_tokens]
     if not usable:
         raise ValueError(f"--generate needs documents of at least {prompt_tokens} tokens")
@@ -378,8 +362,4 @@ def generate_documents(lm, documents: list[list[int]], n: int, prompt_tokens: in
 
 
 def _progress(items, show: bool, desc: str):
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+    return progress_bar(items, desc, enabled=show, leave=False)

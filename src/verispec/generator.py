@@ -8,10 +8,32 @@ import torch
 
 from .acceptance import choose_rule
 from .config import SamplingConfig
-from .drafters import Drafter, make_drafter
+from .drafters import Drafter, make_drafter, methods as drafter_methods
 from .engine.loop import speculative_decode
 from .engine.stats import GenerationStats
 from .engine.target import CachedLM
+from .heads import drafter_dirs
+
+AUTO = "auto"
+
+
+def methods() -> list[str]:
+    """Every method name: "auto" and the registered drafters."""
+    return [AUTO, *drafter_methods()]
+
+
+def choose_method(lm: Any) -> tuple[str, dict, str]:
+    """What "auto" runs for this model: (method, options, why).
+
+    A trained EAGLE-3 head for the model (the user's, or one shipped with verispec) drafts in
+    one tree with prompt-lookup continuations (`hybrid`): the head predicts new text, the
+    lookup copies from the context (summaries, translations, retrieved passages), and the
+    merge keeps the nodes worth their pass cost. Without a head, prompt lookup: the fastest
+    training-free drafter measured (README, Results), nothing to train or download."""
+    for path in drafter_dirs(lm, "eagle3"):
+        if (path / "config.json").exists():
+            return "hybrid", {"drafter": str(path)}, f"EAGLE-3 head {path} merged with prompt lookup"
+    return "prompt-lookup", {}, "no trained EAGLE-3 head for this model: prompt lookup (training-free)"
 
 
 @dataclass
@@ -26,19 +48,27 @@ class GenerationOutput:
 class SpeculativeGenerator:
     """Generate with `method` (see verispec.methods()) on a LoadedModel target.
 
-    method options go as keyword arguments, e.g. method="prompt-lookup", k=10, or
+    method="auto" (the default) picks the fastest lossless method this model has (see
+    choose_method; `.method` and `.auto_reason` say which and why). Other methods' options go
+    as keyword arguments, e.g. method="prompt-lookup", k=10, or
     method="draft-model", draft=verispec.load_model(...), k=5. A Drafter instance is
     accepted as `method` too, for drafters of your own. `rule` picks the verification
     rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise) or
     "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
     """
 
-    def __init__(self, lm: Any, method: str | Drafter = "ar", rule: str = "auto",
+    def __init__(self, lm: Any, method: str | Drafter = AUTO, rule: str = "auto",
                  rule_options: dict | None = None, **method_options: Any):
         self.lm = lm
         self.rule_name, self.rule_options = rule, dict(rule_options or {})
         # build the rule once now so that a bad name or option fails here, not mid-benchmark
         choose_rule(SamplingConfig(temperature=0.0 if rule == "greedy" else 1.0), rule, **self.rule_options)
+        self.auto_reason = None
+        if method == AUTO:
+            if method_options:
+                raise ValueError(f"method 'auto' takes no options (got {', '.join(sorted(method_options))}); "
+                                 "name a method to pass options to it")
+            method, method_options, self.auto_reason = choose_method(lm)
         if isinstance(method, Drafter):
             self.method, self.drafter = type(method).__name__, method
         else:
@@ -100,5 +130,8 @@ class SpeculativeGenerator:
         if sampling.greedy:
             return None
         rng = torch.Generator(device=self.target.device)
-        rng.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        if sampling.seed is not None:
+            rng.manual_seed(sampling.seed)
+        else:  # seeded from OS entropy; torch's global RNG is neither read nor re-seeded
+            rng.seed()
         return rng

@@ -34,7 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import platformdirs
 import torch
+
+from .compat import chat_template_ids, drop_quantizer, transformers_progress
+from .progress import say
 
 __all__ = [
     "MARKER_FILE",
@@ -49,6 +53,7 @@ __all__ = [
     "model_dir",
     "resolve_device",
     "resolve_dtype",
+    "tokenizer_identity",
     "verispec_home",
 ]
 
@@ -124,8 +129,6 @@ def verispec_home() -> Path:
     env = os.environ.get("VERISPEC_HOME")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("verispec"))
 
 
@@ -169,11 +172,7 @@ def list_models(home: str | os.PathLike | None = None) -> list[dict]:
 
 
 def _say(progress: bool, msg: str) -> None:
-    if progress:
-        from rich.console import Console
-
-        # stderr: stdout stays clean for CLI output that may be piped.
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold cyan]verispec[/] {msg}")
+    say(msg, "verispec", progress)  # stderr: stdout stays clean for CLI output that may be piped
 
 
 @contextlib.contextmanager
@@ -339,31 +338,6 @@ def _verify_sha256(path: Path, expected: str, dl: Path, progress: bool = False) 
         )
 
 
-@contextlib.contextmanager
-def _transformers_progress(progress: bool) -> Iterator[None]:
-    """Silence transformers' progress bars (incl. the GGUF dequantization one) if asked."""
-    from transformers.utils import logging as hf_logging
-
-    if progress:
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    # The GGUF loader uses a bare tqdm that ignores the switch above; swap it if present.
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    orig = getattr(gguf_utils, "tqdm", None)
-    if orig is not None:
-        gguf_utils.tqdm = lambda it, *a, **kw: it
-    try:
-        yield
-    finally:
-        if orig is not None:
-            gguf_utils.tqdm = orig
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _convert(spec: ModelSpec, gguf: Path, out: Path, progress: bool) -> None:
     """Dequantize the GGUF once into a float32 safetensors HF directory at ``out``.
 
@@ -377,15 +351,13 @@ def _convert(spec: ModelSpec, gguf: Path, out: Path, progress: bool) -> None:
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # killed runs; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     kw = dict(gguf_file=gguf.name, local_files_only=True)
-    with _transformers_progress(progress):
+    with transformers_progress(progress):  # silenced unless asked, incl. the GGUF dequantization bar
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         # float32: keeps the dequantized values exact; load_model casts as requested.
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         # The weights are now plain tensors; drop the GGUF quantizer so the saved
         # config does not claim a quantization that no longer exists.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        drop_quantizer(model)
         _add_eos(model, spec.extra_eos_token_ids)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -427,9 +399,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"invalid device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N'") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
+                             "(or auto)")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: only cuda:0..cuda:{count - 1} exist here")
+    return resolved
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -495,17 +475,7 @@ class LoadedModel:
             return list(tok(text)["input_ids"])
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"model {self.name!r} has no chat template; use chat=False")
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        if hasattr(ids, "keys") and "input_ids" in ids:
-            ids = ids["input_ids"]
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):  # batched form
-            ids = ids[0]
-        return [int(i) for i in ids]
+        return chat_template_ids(tok, [{"role": "user", "content": text}])
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -522,6 +492,20 @@ class LoadedModel:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_identity(lm: Any) -> dict:
+    """Who the token ids belong to: a LoadedModel (or anything with .tokenizer and .model) or a
+    tokenizer. The vocabulary hash decides compatibility; name_or_path is for messages."""
+    tokenizer = getattr(lm, "tokenizer", lm) if hasattr(lm, "model") else lm
+    if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+        return {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
+                "vocab_hash": f"sha256:{digest}", "vocab_size": len(vocab)}
+    # a model without a tokenizer (test models): its ids mean nothing beyond their range
+    size = int(lm.model.config.vocab_size)
+    return {"name_or_path": None, "vocab_hash": f"ids-only:{size}", "vocab_size": size}
 
 
 def _resolve_path(name_or_path: str | os.PathLike, home: str | os.PathLike | None) -> tuple[Path, str]:

@@ -1,37 +1,35 @@
-"""The verdict of one verification step and the protocol every rule follows."""
+"""Choosing a verification rule, and what the rules share. The verdict of a step and the
+protocol every rule follows are the engine's (verispec.engine.protocols), imported here.
+The rule modules register their classes here (register_rule); base imports none of them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
-
-import torch
+from typing import Callable
 
 from ..config import SamplingConfig
+from ..engine.protocols import NextKind, Rule, Verdict
 from ..engine.tree import TokenTree
+from ..options import check_options
 
-# How the target's own token at the end of a step came about:
-#   bonus     - every draft on the accepted path was accepted and the path reached a leaf
-#   recovered - drawn (or, greedy, taken) at a rejection
-#   target    - nothing was drafted this step (plain autoregressive decoding)
-NextKind = Literal["bonus", "recovered", "target"]
+__all__ = ["NextKind", "RULES", "Rule", "Verdict", "choose_rule", "end_kind", "register_rule", "rule_class"]
 
-
-@dataclass(frozen=True)
-class Verdict:
-    accepted: list[int]  # tree node indices accepted, root excluded, root-to-leaf order
-    next_token: int
-    next_kind: NextKind
+_RULE_CLASSES: dict[str, type] = {}
 
 
-class Rule(Protocol):
-    name: str
-    lossless: bool
+def register_rule(name: str) -> Callable:
+    """Class decorator: make the rule class available to choose_rule as `name`."""
 
-    def verify(
-        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None
-    ) -> Verdict:
-        """target_logits: [n_nodes, vocab], row i is the target's prediction after node i."""
-        ...
+    def wrap(cls):
+        _RULE_CLASSES[name] = cls
+        return cls
+
+    return wrap
+
+
+def rule_class(name: str) -> type:
+    """The rule class registered as `name` (verispec.acceptance imports every rule module)."""
+    if name not in _RULE_CLASSES:
+        raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(RULES)} (typical is lossy)")
+    return _RULE_CLASSES[name]
 
 
 def end_kind(tree: TokenTree, node: int) -> NextKind:
@@ -47,13 +45,13 @@ RULES = ("auto", "greedy", "speculative-sampling", "typical")
 def choose_rule(sampling: SamplingConfig, name: str = "auto", **options) -> Rule:
     """A rule by name; "auto" is the lossless rule for these sampling settings
     (greedy at temperature 0, speculative sampling otherwise). "typical" is lossy."""
-    from .greedy import GreedyRule
-    from .rejection import SpeculativeSamplingRule
-    from .typical import TypicalAcceptanceRule
+    GreedyRule, SpeculativeSamplingRule, TypicalAcceptanceRule = (
+        rule_class(n) for n in ("greedy", "speculative-sampling", "typical"))
 
     if name == "auto":
         name = "greedy" if sampling.greedy else "speculative-sampling"
     if name == "typical":
+        check_options("rule 'typical'", TypicalAcceptanceRule.__init__, options, skip=("self",))
         return TypicalAcceptanceRule(**options)
     if options:
         raise ValueError(f"rule {name!r} takes no options (got {', '.join(options)})")

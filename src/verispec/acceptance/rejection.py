@@ -15,9 +15,10 @@ import torch
 from ..config import SamplingConfig
 from ..engine.sampling import probabilities, sample
 from ..engine.tree import TokenTree
-from .base import Verdict, end_kind
+from .base import Verdict, end_kind, register_rule
 
 
+@register_rule("speculative-sampling")
 class SpeculativeSamplingRule:
     name = "speculative-sampling"
     lossless = True
@@ -31,8 +32,14 @@ class SpeculativeSamplingRule:
             chosen = None
             for child in tree.children[node]:
                 x = tree.tokens[child]
-                q = self._draft_q(tree, child, p)
                 u = torch.rand((), generator=rng, device=p.device)
+                if tree.draft_probs is None:  # deterministic draft, q = one-hot(x): accept with p(x)
+                    if u < p[x]:
+                        chosen = child
+                        break
+                    p = _residual_one_hot(p, x)
+                    continue
+                q = tree.draft_probs[child].to(p.device, torch.float32)
                 if q[x] > 0 and u * q[x] < p[x]:  # u < p/q without dividing
                     chosen = child
                     break
@@ -47,6 +54,15 @@ class SpeculativeSamplingRule:
         if tree.draft_probs is None:
             return torch.nn.functional.one_hot(torch.tensor(tree.tokens[child], device=p.device), p.shape[-1]).float()
         return tree.draft_probs[child].to(p.device, torch.float32)
+
+
+def _residual_one_hot(p: torch.Tensor, x: int) -> torch.Tensor:
+    """_residual(p, one_hot(x)) without building q: max(0, p - q) is p with p(x) zeroed
+    (the same floats, so the same result bit for bit)."""
+    r = p.clone()
+    r[x] = 0.0
+    total = r.sum()
+    return r / total if total > 0 else p
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

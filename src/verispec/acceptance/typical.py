@@ -12,9 +12,10 @@ import torch
 from ..config import SamplingConfig
 from ..engine.sampling import probabilities, sample
 from ..engine.tree import TokenTree
-from .base import Verdict, end_kind
+from .base import Verdict, end_kind, register_rule
 
 
+@register_rule("typical")
 class TypicalAcceptanceRule:
     name = "typical"
     lossless = False
@@ -30,20 +31,21 @@ class TypicalAcceptanceRule:
         p = probabilities(target_logits, sampling)  # [n_nodes, vocab]
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
         threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.epsilon)  # [n_nodes]
-        plausible = [True] + [
-            bool(p[tree.parents[i], tree.tokens[i]] > threshold[tree.parents[i]]) for i in range(1, len(tree))
-        ]
-        end = _deepest_plausible(tree, plausible)
+        end = _deepest_plausible(tree, p, threshold)
         path = tree.path_to(end)[1:]
         token = int(p[end].argmax()) if sampling.greedy else sample(p[end], rng)
         return Verdict(path, token, end_kind(tree, end))
 
 
-def _deepest_plausible(tree: TokenTree, plausible: list[bool]) -> int:
-    ok = [False] * len(tree)
-    best = 0
-    for i in range(len(tree)):  # topological order: a parent's verdict is known first
-        ok[i] = plausible[i] and (i == 0 or ok[tree.parents[i]])
-        if ok[i] and tree.depths[i] > tree.depths[best]:
-            best = i
-    return best
+def _deepest_plausible(tree: TokenTree, p: torch.Tensor, threshold: torch.Tensor) -> int:
+    """The deepest node (the first of that depth) whose whole path is plausible, by gather and
+    an ancestor-matrix reduction (the cumprod of a chain): one device sync, no per-node loop."""
+    device = p.device
+    parents = torch.tensor(tree.parents[1:], dtype=torch.long, device=device)
+    tokens = torch.tensor(tree.tokens[1:], dtype=torch.long, device=device)
+    plausible = torch.ones(len(tree), dtype=torch.bool, device=device)  # the root always is
+    plausible[1:] = p[parents, tokens] > threshold[parents]  # gather p(x | parent) per node
+    ancestors = tree.ancestor_mask().to(device)  # [n, n], cached per shape
+    path_ok = ~(ancestors & ~plausible[None]).any(-1)  # every node on the root path plausible
+    depth = torch.tensor(tree.depths, device=device)
+    return int(torch.where(path_ok, depth, -1).argmax())  # argmax: the first maximal index

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from .peers import PEERS
-from .runner import DEFAULT_METHODS
+from .report import build_report
+from .runner import DEFAULT_METHODS, BenchConfig, run_bench
 
 _EPILOG = """examples:
   verispec bench --model smollm2-135m-instruct --dtype bfloat16 --per-task 3 --max-new-tokens 64 \\
@@ -34,8 +35,8 @@ def add_parser(subparsers) -> None:
                    help="an option of one method, repeatable (e.g. prompt-lookup.k=5)")
     p.add_argument("--suite", default="spec-bench", choices=["spec-bench"])
     p.add_argument("--questions", metavar="PATH_OR_URL",
-                   help="question.jsonl (default: ../shared/data/spec_bench/question.jsonl from here or the "
-                        "repository root); a URL is downloaded once and cached")
+                   help="question.jsonl (default: the Spec-Bench question set shipped with verispec); "
+                        "a URL is downloaded once and cached")
     p.add_argument("--tasks", help="comma-separated tasks (mt_bench, translation, summarization, qa, "
                                    "math_reasoning, rag) or categories; default all")
     p.add_argument("--per-task", type=int, metavar="N", help="the first N questions of each task")
@@ -88,19 +89,18 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def cmd_bench(args) -> int:
-    from .runner import BenchConfig, run_bench
-
     if not args.out:
         raise ValueError("bench needs --out DIR (where answers, report and charts go); "
                          "or `verispec bench report DIR` to rebuild a report")
     methods = _split(args.methods) or []
+    set_threads(args.threads)
     config = BenchConfig(
         out=args.out, model=args.model, methods=methods,
         options=parse_method_options(args.option, methods + (["ar"] if "ar" not in methods else [])),
         suite=args.suite, questions=args.questions, tasks=_split(args.tasks), per_task=args.per_task,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, dtype=args.dtype,
         device=args.device, repeats=args.repeats, warmup=args.warmup, draft=args.draft,
-        universal_draft=args.universal_draft, traces=not args.no_traces, threads=args.threads,
+        universal_draft=args.universal_draft, traces=not args.no_traces,
         command="verispec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result = run_bench(config, progress=not args.no_progress)
@@ -109,8 +109,17 @@ def cmd_bench(args) -> int:
     return 130 if result.interrupted else 0
 
 
-def cmd_report(args) -> int:
-    from .report import build_report
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's CPU thread count for this process (the CLI's to set, not the library's)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {threads}")
+    import torch
 
+    torch.set_num_threads(threads)
+
+
+def cmd_report(args) -> int:
     print(build_report(args.dir))
     return 0

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
+from ..drafters.draft_model import check_same_vocabulary
 from ..engine.stats import GenerationStats
 from ..generator import GenerationOutput
 
@@ -87,6 +89,17 @@ class _ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
+@contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """transformers samples from torch's global RNG: seed it for one call, then restore the caller's state."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 class HFPeer:
     """One transformers generate() configuration behind the bench's method interface."""
 
@@ -110,8 +123,6 @@ class HFPeer:
                                  "target's (transformers refuses that); use hf-assisted, or pass a draft with "
                                  "another tokenizer as --universal-draft")
         if name == "hf-assisted":
-            from ..drafters.draft_model import check_same_vocabulary
-
             try:
                 check_same_vocabulary(lm, draft)
             except ValueError:
@@ -120,8 +131,6 @@ class HFPeer:
                                  "(--universal-draft)") from None
         if name == "hf-prompt-lookup":
             self.generate_options["prompt_lookup_num_tokens"] = 10
-        from transformers import GenerationConfig
-
         known = set(GenerationConfig().to_dict())
         for key, value in self.options.items():
             if key in _ASSISTANT_KEYS and name in ("hf-assisted", "hf-universal"):
@@ -144,8 +153,6 @@ class HFPeer:
     # -- generation ------------------------------------------------------------------
 
     def generation_config(self, max_new_tokens: int, temperature: float):
-        from transformers import GenerationConfig
-
         eos = list(getattr(self.lm, "eos_token_ids", None) or [])
         tok = getattr(self.lm, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None)
@@ -166,11 +173,9 @@ class HFPeer:
             kwargs["assistant_model"] = self.draft.model
             if self.name == "hf-universal":
                 kwargs.update(tokenizer=self.lm.tokenizer, assistant_tokenizer=self.draft.tokenizer)
-        if seed is not None:
-            torch.manual_seed(seed)
         streamer = _Streamer()
         start = time.perf_counter()
-        with self._assistant_settings(), torch.inference_mode(), \
+        with _seeded(seed, self.device), self._assistant_settings(), torch.inference_mode(), \
                 _ForwardTimer(self.model, True, self._sync) as target_timer, \
                 (_ForwardTimer(self.draft.model, False, self._sync) if self.measures_draft_time else _null()) as draft_timer:
             output = self.model.generate(ids, streamer=streamer, **kwargs)

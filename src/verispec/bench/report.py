@@ -10,12 +10,9 @@ import math
 from pathlib import Path
 
 from . import metrics
-from .runner import BASELINE, FAILURES_FILE, RUN_FILE, read_answers, trace_path
+from .layout import BASELINE, CHARTS, FAILURES_FILE, METRICS_FILE, REPORT_FILE, RUN_FILE, read_answers, trace_path
 from .suites import TASK_TITLES
 
-REPORT_FILE = "report.md"
-METRICS_FILE = "metrics.json"
-CHARTS = {"speedup": "speedup.png", "accept_lengths": "accept_lengths.png", "time_split": "time_split.png"}
 MAX_POSITIONS = 10  # acceptance-rate columns shown
 MAX_DIFFERENCES = 8  # losslessness differences listed per method
 
@@ -309,21 +306,21 @@ def _environment_section(run: dict) -> list[str]:
 
 
 def write_charts(out: Path, summary: dict, answers: dict[str, list[dict]]) -> dict[str, str]:
-    """PNG charts (matplotlib, Agg); returns {name: file} of those written."""
+    """PNG charts; returns {name: file} of those written. matplotlib's object-oriented API
+    (Figure.savefig renders PNG through Agg): no pyplot, no global backend."""
     import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     written = {}
     methods = summary["methods"]
     tasks = summary["tasks"]
     base = summary["baseline"]
-    with plt.rc_context({"figure.dpi": 110, "font.size": 9}):
+    with matplotlib.rc_context({"figure.dpi": 110, "font.size": 9}):
         shown = [m for m in methods if m != base and (methods[m].get(metrics.OVERALL) or {}).get("speedup") is not None]
         if shown:
             columns = tasks + [metrics.OVERALL]
-            fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(columns) + 0.4 * len(shown)), 4))
+            fig = Figure(figsize=(max(6.5, 1.3 * len(columns) + 0.4 * len(shown)), 4))
+            ax = fig.subplots()
             width = 0.8 / len(shown)
             for i, m in enumerate(shown):
                 values, lows, highs = [], [], []
@@ -347,7 +344,6 @@ def write_charts(out: Path, summary: dict, answers: dict[str, list[dict]]) -> di
             ax.set_ylim(0, max([1.2] + [v * 1.2 for v in _all_speedups(methods, shown, columns)]))
             fig.tight_layout()
             fig.savefig(out / CHARTS["speedup"])
-            plt.close(fig)
             written["speedup"] = CHARTS["speedup"]
 
         hist = {m: metrics.accept_length_counts(answers[m]) for m in methods}
@@ -356,7 +352,8 @@ def write_charts(out: Path, summary: dict, answers: dict[str, list[dict]]) -> di
         hist = drafting or hist
         if hist:
             longest = max(max(c) for c in hist.values())
-            fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * longest + 2), 3.8))
+            fig = Figure(figsize=(max(6.5, 0.45 * longest + 2), 3.8))
+            ax = fig.subplots()
             width = 0.8 / len(hist)
             for i, (m, counts) in enumerate(hist.items()):
                 total = sum(counts.values())
@@ -371,13 +368,13 @@ def write_charts(out: Path, summary: dict, answers: dict[str, list[dict]]) -> di
             ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(out / CHARTS["accept_lengths"])
-            plt.close(fig)
             written["accept_lengths"] = CHARTS["accept_lengths"]
 
         splits = {m: (methods[m].get(metrics.OVERALL) or {}).get("time_split") for m in methods}
         splits = {m: s for m, s in splits.items() if s}
         if splits:
-            fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(splits) + 1.4))
+            fig = Figure(figsize=(6.5, 0.45 * len(splits) + 1.4))
+            ax = fig.subplots()
             names = list(splits)
             left = [0.0] * len(names)
             colours = {"draft": "#4c9be8", "target": "#f28e2b", "accept": "#59a14f", "other": "#bab0ac"}
@@ -392,7 +389,6 @@ def write_charts(out: Path, summary: dict, answers: dict[str, list[dict]]) -> di
             ax.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
             fig.tight_layout()
             fig.savefig(out / CHARTS["time_split"])
-            plt.close(fig)
             written["time_split"] = CHARTS["time_split"]
     return written
 

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,16 +20,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import transformers
 
+from ..chat import ChatFormatter
+from ..draft_init import layer_subset
+from ..drafters import drafter_class
+from ..generator import SpeculativeGenerator, methods as verispec_methods
+from ..models import load_model
+from ..progress import progress, say
+from ..trace import write_html
+from ..version import __version__
 from . import suites
+from .layout import BASELINE, FAILURES_FILE, RUN_FILE, answer_path, append_answer, read_answers, trace_path
 from .peers import PEERS, HFPeer, is_peer
+from .report import build_report
 
 DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
-BASELINE = "ar"
 PHASES = ("prefill", "draft", "target", "accept")
-RUN_FILE = "run.json"
-FAILURES_FILE = "failures.jsonl"  # methods that raised on a question (the run went on without them)
-TRACE_DIR = "traces"
 # settings that must match to resume into (or add methods to) an existing output folder
 _SAME_RUN_KEYS = ("suite", "model", "dtype", "max_new_tokens", "temperature", "seed", "repeats", "draft",
                   "universal_draft")
@@ -56,7 +62,6 @@ class BenchConfig:
     universal_draft: str | None = None  # draft with another tokenizer for hf-universal (default: draft)
     warmup: int = 1  # warm-up generations per method before timing
     traces: bool = True  # trace pages for the first question of each task and method
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
     command: str | None = None  # the command line, recorded in run.json by the CLI
 
     def __post_init__(self):
@@ -78,8 +83,6 @@ class BenchConfig:
                                  ("warmup", self.warmup, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"--threads must be an integer >= 1, got {self.threads!r}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
 
@@ -94,38 +97,6 @@ class BenchResult:
     report: Path | None = None
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-class ChatFormatter:
-    """Conversation -> prompt token ids with the tokenizer's chat template, the answer text
-    as Spec-Bench keeps it (special tokens dropped, stripped). A tokenizer without a chat
-    template gets a plain "User: ... / Assistant:" layout."""
-
-    def __init__(self, lm: Any):
-        self.tokenizer = getattr(lm, "tokenizer", None)
-        if self.tokenizer is None:
-            raise ValueError(f"model {getattr(lm, 'name', '?')!r} has no tokenizer; the benchmark needs one to "
-                             "build prompts from the questions")
-        self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        if not self.chat_template:
-            text = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n\n" for m in messages)
-            return list(self.tokenizer(text + "Assistant:")["input_ids"])
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys") and "input_ids" in ids:
-            ids = ids["input_ids"]
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        return [int(i) for i in ids]
-
-    def answer(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-
-
 # --------------------------------------------------------------------------- methods
 
 
@@ -136,8 +107,6 @@ class VerispecMethod:
     measured_phases = PHASES
 
     def __init__(self, name: str, lm: Any, **options: Any):
-        from ..generator import SpeculativeGenerator
-
         self.name, self.lm = name, lm
         self.generator = SpeculativeGenerator(lm, method=name, **options)
 
@@ -148,10 +117,9 @@ class VerispecMethod:
 
 def takes_draft(method: str) -> bool:
     """Whether a verispec method's drafter takes a `draft` model option."""
-    from ..drafters import base
-
-    cls = getattr(base, "_REGISTRY", {}).get(method)
-    return cls is not None and "draft" in inspect.signature(cls.__init__).parameters
+    if method not in verispec_methods() or method == "auto":
+        return False
+    return "draft" in inspect.signature(drafter_class(method).__init__).parameters
 
 
 def base_method(name: str) -> str:
@@ -162,8 +130,6 @@ def base_method(name: str) -> str:
 
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
                  universal_draft: Any | None = None):
-    from ..drafters import methods as verispec_methods
-
     base = base_method(name)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
@@ -181,51 +147,12 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
 def load_draft(spec: str, lm: Any, dtype: str, device: str):
     """A draft model: a zoo name or HF directory, or "layers:0,1,2" for a subset of the target's layers."""
     if spec.startswith("layers:"):
-        from ..draft_init import layer_subset
-
         try:
             layers = [int(x) for x in spec.split(":", 1)[1].split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--draft {spec!r}: use layers:I,J,K with layer indices, e.g. layers:0,1,2,3") from None
         return layer_subset(lm, layers)
-    from ..models import load_model
-
     return load_model(spec, dtype=dtype, device=device)
-
-
-# --------------------------------------------------------------------------- answer files
-
-
-def answer_path(out: Path, method: str) -> Path:
-    return Path(out) / f"{method}.jsonl"
-
-
-def read_answers(path: Path, repair: bool = False) -> list[dict]:
-    """Records of an answer file. A torn last line (a run killed mid-write) is dropped, and
-    with repair=True cut from the file so appends start on a clean line."""
-    if not path.is_file():
-        return []
-    records, good_bytes = [], 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(raw)
-    if repair and good_bytes != path.stat().st_size:
-        with open(path, "r+b") as fh:
-            fh.truncate(good_bytes)
-    return records
-
-
-def append_answer(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 # --------------------------------------------------------------------------- environment
@@ -233,10 +160,6 @@ def append_answer(path: Path, record: dict) -> None:
 
 def environment(lm: Any | None = None) -> dict[str, Any]:
     """Where the numbers come from: machine, threads, versions."""
-    import transformers
-
-    from .. import __version__
-
     env: dict[str, Any] = {
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -266,42 +189,13 @@ def _cpu_name() -> str:
 # --------------------------------------------------------------------------- the run
 
 
-class _Progress:
-    """rich progress bar with ETA on stderr, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.bar = None
-        if enabled and total:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task("bench", total=total)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def describe(self, text: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, description=text)
-
-    def advance(self) -> None:
-        if self.bar:
-            self.bar.advance(self.task)
+def _bar(enabled: bool, total: int):
+    """The run's progress bar (question, method, ETA) on stderr, or a silent one."""
+    return progress(total=total, desc="bench", unit="run", enabled=enabled and bool(total))
 
 
 def _say(enabled: bool, message: str) -> None:
-    if enabled:
-        print(f"verispec bench: {message}", file=sys.stderr, flush=True)
+    say(message, "verispec bench", enabled)
 
 
 def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = None, universal_draft: Any | None = None,
@@ -319,13 +213,9 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
         raise ValueError("no questions selected; check --tasks and --per-task")
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_run(out)
-    _check_same_run(previous, config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    _check_same_run(previous, config)  # torch's thread count is the caller's (CLI: --threads); run.json records it
 
     if lm is None:
-        from ..models import load_model
-
         _say(progress, f"loading {config.model} ({config.dtype})")
         lm = load_model(config.model, dtype=config.dtype, device=config.device)
     if draft is None and config.draft:
@@ -351,7 +241,7 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
         units = sum(config.repeats for q in pending for m in config.methods if q.question_id not in done[m])
         try:
             _warm_up(runners, needed, pending[0], formatter, config, progress)
-            with _Progress(progress, units) as bar:
+            with _bar(progress, units) as bar:
                 for number, q in enumerate(pending):
                     todo = [m for m in config.methods if q.question_id not in done[m]]
                     runs, failures = _run_question(q, todo, runners, formatter, config, bar, number)
@@ -368,8 +258,6 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
             _say(True, f"interrupted: {result.skipped + result.ran} of {len(selected)} questions are saved in {out}; "
                        "rerun the same command to resume")
     if report and any(read_answers(answer_path(out, m)) for m in config.methods):
-        from .report import build_report
-
         result.report = build_report(out)
         _say(progress, f"report: {result.report}")
     return result
@@ -383,13 +271,13 @@ def _run_question(q, todo, runners, formatter, config, bar, number) -> tuple[dic
     for repeat in range(config.repeats):
         shift = (number + repeat) % len(todo)
         for m in todo[shift:] + todo[:shift]:
-            bar.describe(f"q{q.question_id} {q.task} · {m}" + (f" · repeat {repeat + 1}" if config.repeats > 1 else ""))
+            bar.set_description_str(f"q{q.question_id} {q.task} · {m}" + (f" · repeat {repeat + 1}" if config.repeats > 1 else ""))
             if m not in failures:
                 try:
                     runs[m].append(_converse(q, runners[m], formatter, config))
                 except Exception as e:  # one method failing on one question must not end the whole run
                     failures[m] = f"{type(e).__name__}: {e}"
-            bar.advance()
+            bar.update()
     return runs, failures
 
 
@@ -449,13 +337,7 @@ def _first_of_each_task(questions) -> dict[str, int]:
     return first
 
 
-def trace_path(out: Path, method: str, task: str) -> Path:
-    return Path(out) / TRACE_DIR / method / f"{task}.html"
-
-
 def _write_trace(out, method, q, gen_out, lm, config) -> None:
-    from ..trace import write_html
-
     title = f"{method} on {config.model}: question {q.question_id} ({q.category}), turn 1"
     write_html(gen_out, lm, trace_path(out, method, q.task), title=title)
 

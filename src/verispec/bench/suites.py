@@ -7,6 +7,7 @@ five categories are tasks of their own.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import urllib.error
@@ -14,8 +15,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets import SPEC_BENCH_QUESTIONS
+from ..models import verispec_home
+
 SPEC_BENCH_URL = "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl"
-RELATIVE_DEFAULT = Path("../shared/data/spec_bench/question.jsonl")
 
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -43,28 +46,14 @@ def task_of(category: str) -> str:
     return "mt_bench" if category in MT_BENCH_CATEGORIES else category
 
 
-def default_question_path(cwd: str | Path | None = None) -> Path | None:
-    """`../shared/data/spec_bench/question.jsonl` seen from the current directory or the
-    repository root (the folder holding pyproject.toml above this file), if it exists."""
-    bases = [Path(cwd) if cwd is not None else Path.cwd()]
-    here = Path(__file__).resolve()
-    bases += [p for p in here.parents if (p / "pyproject.toml").is_file()][:1]
-    for base in bases:
-        candidate = (base / RELATIVE_DEFAULT).resolve()
-        if candidate.is_file():
-            return candidate
-    return None
+def default_question_path() -> Path | None:
+    """The Spec-Bench question.jsonl shipped with the package (verispec/assets/spec_bench, whose
+    SOURCE.md gives its origin and licence), or None if the installation lacks it."""
+    return SPEC_BENCH_QUESTIONS if SPEC_BENCH_QUESTIONS.is_file() else None
 
 
 def cache_dir() -> Path:
-    try:
-        from ..models import verispec_home
-
-        return verispec_home() / "data"
-    except ImportError:  # models.py absent: fall back to the platform cache
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("verispec")) / "data"
+    return verispec_home() / "data"
 
 
 def resolve_questions(source: str | os.PathLike | None, cache: Path | None = None, timeout: float = 30.0) -> Path:
@@ -74,8 +63,8 @@ def resolve_questions(source: str | os.PathLike | None, cache: Path | None = Non
         found = default_question_path()
         if found is None:
             raise ValueError(
-                f"no question file found at {RELATIVE_DEFAULT} (relative to the current directory or the "
-                f"repository root); pass --questions PATH_OR_URL, e.g. --questions {SPEC_BENCH_URL}"
+                f"the Spec-Bench question set shipped with verispec is missing ({SPEC_BENCH_QUESTIONS}; "
+                f"reinstall verispec); or pass --questions PATH_OR_URL, e.g. --questions {SPEC_BENCH_URL}"
             )
         return found
     text = os.fspath(source)
@@ -89,8 +78,6 @@ def resolve_questions(source: str | os.PathLike | None, cache: Path | None = Non
 
 
 def _download_cached(url: str, cache: Path, timeout: float) -> Path:
-    import hashlib
-
     name = Path(url.split("?")[0]).name or "questions.jsonl"
     target = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / name
     if target.is_file():

@@ -3,6 +3,8 @@ autoregressively, keeping its own KV cache in step with the committed tokens.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..engine.sampling import probabilities, sample
@@ -32,8 +34,8 @@ class DraftModel(Drafter):
     siblings are chosen when sampling: "topk" (deterministic), "sample" (with replacement),
     "sample-unique" (without replacement)."""
 
-    def __init__(self, target, draft=None, k: int = 5, tree=None, depth: int = 6, top_k: int = 4,
-                 budget: int = 32, children: str = "topk"):
+    def __init__(self, target, draft=None, k: int = 5, tree: str | Sequence[Sequence[int]] | None = None,
+                 depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk"):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
@@ -42,6 +44,9 @@ class DraftModel(Drafter):
         check_same_vocabulary(target, draft)
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
+        if isinstance(tree, str) and tree not in ("chain", "dynamic"):
+            raise ValueError(f"tree must be 'chain' (or None: a chain of k), 'dynamic', or a static tree as a list "
+                             f"of rank paths, e.g. [[0], [1], [0, 0]]; got {tree!r}")
         self.lm = CachedLM(draft.model)
         self.k, self.depth, self.top_k, self.budget, self.children = int(k), int(depth), int(top_k), int(budget), children
         self.shape = None if tree in (None, "chain", "dynamic") else static_shape(tree)

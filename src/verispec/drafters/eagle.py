@@ -1,5 +1,7 @@
-"""`eagle`: an EAGLE head drafts from the target's own features (Li et al. 2024; EAGLE-2's
-dynamic trees by default).
+"""`eagle`: an EAGLE head drafts from the target's own features, in EAGLE-2's dynamic trees by
+default. The head is EAGLE-3 (Li et al. 2025: the target's low/mid/high hidden states fused,
+its own draft vocabulary, trained with the training-time test) where one was trained for the
+target, else EAGLE-1 (Li et al. 2024: the last hidden state); `version` picks one.
 
 The head keeps a KV cache over pairs (feature_j, token_{j+1}) of the committed text: the
 loop hands observe() the target's features of every token it commits, so after each step
@@ -8,12 +10,14 @@ token, the new root token) predicts the root's children. Deeper nodes read the f
 the head predicted at their parent. Trees grow through the same CachedLM tree path as a
 draft model's, and are dropped from the head's cache after each step.
 
-Options: drafter (a 'verispec train eagle' directory; default: the model's own, from
-$VERISPEC_HOME/drafters or the repository's drafters/ folder),
+Options: drafter (a 'verispec train eagle' (EAGLE-3) or 'verispec train eagle1' directory; its
+config says which head it holds; default: the model's own, from $VERISPEC_HOME/drafters or the
+heads shipped with verispec), version (3 or 1: which of the model's default heads; default 3
+where there is one),
 tree ("dynamic" (EAGLE-2: depth, top_k, budget), "chain" (k), or a static shape of rank
 paths), children (static trees when sampling), draft_vocab (draft over the N tokens most
 frequent in the training data only: the LM-head product over 49k tokens is most of a
-small head's cost; 0 = the full vocabulary).
+small head's cost; 0 = the full vocabulary; EAGLE-1 only: an EAGLE-3 head has its own).
 """
 from __future__ import annotations
 
@@ -21,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..datastore import tokenizer_identity
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
-from ..heads import find_drafter
+from ..heads import drafter_dirs, find_drafter
 from ..heads.eagle import load_eagle
+from ..heads.eagle3 import is_eagle3_dir, load_eagle3
+from ..models import tokenizer_identity
 from .base import DraftContext, Drafter, register
 from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
 
@@ -37,13 +42,20 @@ class EagleDrafter(Drafter):
     # defaults: the best of the trees measured on smollm2-135m-instruct bf16 on 2 CPU cores
     # (depth 6 / top-4 / 20 nodes accepted more per pass but its pass cost 1.67x a one-token one)
     def __init__(self, target, drafter=None, tree="dynamic", k: int = 4, depth: int = 4, top_k: int = 3,
-                 budget: int = 8, children: str = "topk", draft_vocab: int = 8192):
-        path = Path(drafter) if drafter else find_drafter(target, "eagle", "verispec train eagle")
+                 budget: int = 8, children: str = "topk", draft_vocab: int = 8192, version: int | None = None):
         if min(k, depth, top_k, budget) < 1 or draft_vocab < 0:
             raise ValueError("eagle needs k, depth, top_k, budget >= 1 and draft_vocab >= 0")
+        if version not in (None, 1, 3):
+            raise ValueError(f"eagle version must be 3 (EAGLE-3) or 1 (EAGLE-1), got {version!r}")
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
-        self.head = load_eagle(path, target.model, tokenizer_identity(target), draft_vocab or None)
+        path = Path(drafter) if drafter else default_head(target, version)
+        if is_eagle3_dir(path):
+            self.head = load_eagle3(path, target)
+            self.needs_features = tuple(self.head.layer_ids)  # the target's fused layers, not its last state
+        else:
+            self.head = load_eagle(path, target.model, tokenizer_identity(target), draft_vocab or None)
+        self.version = 3 if is_eagle3_dir(path) else 1
         self.lm = CachedLM(self.head)
         self.dynamic = tree == "dynamic"
         chain = [[0] * d for d in range(1, int(k) + 1)]
@@ -89,3 +101,14 @@ class EagleDrafter(Drafter):
         for row, node in enumerate(nodes):
             self.node_hidden[node] = hidden[row]
         return logits
+
+
+def default_head(target, version: int | None) -> Path:
+    """The model's own head: EAGLE-3 where one exists (unless version=1), else EAGLE-1."""
+    if version in (None, 3):
+        for path in drafter_dirs(target, "eagle3"):
+            if (path / "config.json").exists():
+                return path
+        if version == 3:
+            return find_drafter(target, "eagle3", "verispec train eagle")
+    return find_drafter(target, "eagle", "verispec train eagle1")

@@ -20,6 +20,9 @@ from typing import Sequence
 import torch
 
 from ..engine.tree import TokenTree, depths_of
+from ..heads import find_drafter
+from ..heads.medusa import load_medusa, read_medusa_config
+from ..models import tokenizer_identity
 from .base import DraftContext, Drafter, register
 from .tree_growth import CHILD_MODES, grow_static, static_shape
 
@@ -75,10 +78,7 @@ class MedusaDrafter(Drafter):
 
     def __init__(self, target, drafter: str | Path | None = None, tree: Sequence[Sequence[int]] | None = None,
                  nodes: int = 8, children: str = "topk"):
-        from ..heads.medusa import load_medusa, read_medusa_config
-
         if drafter is None:
-            from ..heads import find_drafter
             drafter = find_drafter(target, "medusa", "verispec train medusa")
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
@@ -138,8 +138,6 @@ class MedusaDrafter(Drafter):
 
 
 def _check_target(target, config: dict, directory) -> None:
-    from ..datastore import tokenizer_identity
-
     own = config.get("verispec", {})
     made_for = own.get("target", "?")
     mine = tokenizer_identity(target)

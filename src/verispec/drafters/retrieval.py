@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..datastore import Datastore, tokenizer_identity
+from ..datastore import Datastore
+from ..models import tokenizer_identity
 from ..engine.tree import TokenTree
 from .base import DraftContext, Drafter, register
 from .ngram_tree import continuation_trie

@@ -25,9 +25,13 @@ CHILD_MODES = ("topk", "sample", "sample-unique")
 
 def static_shape(paths: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
     """Paths of ranks -> (parents, ranks) of the shape's nodes, root first, level by level."""
-    cleaned = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
-    if not cleaned or any(not p or min(p) < 0 for p in cleaned):
-        raise ValueError(f"a static tree is a list of non-empty paths of ranks >= 0, e.g. [[0], [1], [0, 0]]; got {paths}")
+    def is_rank(r) -> bool:
+        return isinstance(r, int) and not isinstance(r, bool) and r >= 0
+    if (not isinstance(paths, (list, tuple)) or not paths
+            or any(not isinstance(p, (list, tuple)) or not p or not all(map(is_rank, p)) for p in paths)):
+        raise ValueError(f"a static tree is a list of non-empty paths of ranks >= 0, e.g. [[0], [1], [0, 0]]; "
+                         f"got {paths!r}")
+    cleaned = sorted({tuple(p) for p in paths}, key=lambda p: (len(p), p))
     index = {(): 0}
     parents, ranks = [-1], [0]
     for path in cleaned:
@@ -106,21 +110,23 @@ def _fill_children(node, kid_nodes, ranks, logits, tokens, qs, sampling, rng, mo
 def grow_dynamic(
     root: int, root_logits: torch.Tensor, expand: Expand, max_depth: int, depth: int, top_k: int, budget: int,
 ) -> TokenTree:
-    """EAGLE-2 tree: score = cumulative draft log-probability; expand the best top_k per level."""
+    """EAGLE-2 tree: score = cumulative draft log-probability; expand the best top_k per level.
+    The tree carries each node's score (TokenTree.scores) for drafters that merge trees."""
     tokens, parents, scores = [root], [-1], [0.0]
-    frontier, frontier_logits = [0], root_logits[None]
-    for level in range(min(depth, max_depth)):
-        logp = torch.log_softmax(frontier_logits.float(), -1)
-        top = torch.topk(logp, top_k, dim=-1)
-        new = []
-        for row, node in enumerate(frontier):
-            for lp, tok in zip(top.values[row].tolist(), top.indices[row].tolist()):
-                new.append(len(tokens))
-                tokens.append(tok)
-                parents.append(node)
-                scores.append(scores[node] + lp)
-        frontier = sorted(new, key=lambda i: -scores[i])[:top_k]
-        if level + 1 < min(depth, max_depth):
+    frontier, frontier_scores, frontier_logits = [0], torch.zeros(1, dtype=torch.float64), root_logits[None]
+    levels = min(depth, max_depth)
+    for level in range(levels):
+        top = torch.topk(torch.log_softmax(frontier_logits.float(), -1), top_k, dim=-1)  # [frontier, top_k]
+        # float64 sums of the float32 log-probabilities: the same numbers Python floats would give
+        level_scores = (frontier_scores.to(top.values.device)[:, None] + top.values.double()).flatten()
+        order = torch.sort(-level_scores, stable=True).indices[:top_k]  # ties: the earlier candidate
+        first = len(tokens)
+        new_tokens, new_scores, best = (t.tolist() for t in (top.indices.flatten(), level_scores, order))  # one sync
+        tokens += new_tokens
+        parents += [node for node in frontier for _ in range(top_k)]
+        scores += new_scores
+        frontier, frontier_scores = [first + i for i in best], level_scores[order].cpu()
+        if level + 1 < levels:
             frontier_logits = expand(tokens, parents, frontier)
     return _best_subtree(tokens, parents, scores, budget)
 
@@ -138,4 +144,5 @@ def _best_subtree(tokens, parents, scores, budget: int) -> TokenTree:
             kept.add(i)
     order = sorted(kept)
     remap = {old: new for new, old in enumerate(order)}
-    return TokenTree(tuple(tokens[i] for i in order), tuple(remap[parents[i]] if i else -1 for i in order))
+    return TokenTree(tuple(tokens[i] for i in order), tuple(remap[parents[i]] if i else -1 for i in order),
+                     scores=tuple(scores[i] for i in order))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SamplingConfig
+from .protocols import DraftContext, Drafter, Rule, Verdict
 from .stats import GenerationStats, PhaseTimer
 from .target import CachedLM
 
@@ -19,50 +20,47 @@ class LoopResult:
 
 
 def speculative_decode(
-    target: CachedLM, drafter, rule, prompt: list[int], max_new_tokens: int,
+    target: CachedLM, drafter: Drafter, rule: Rule, prompt: list[int], max_new_tokens: int,
     sampling: SamplingConfig, rng: torch.Generator | None, stop_ids: set[int],
 ) -> LoopResult:
-    from ..drafters.base import DraftContext
-
     result = LoopResult([], [])
     stats, timer = result.stats, PhaseTimer(result.stats, target.device)
     start = time.perf_counter()
     target.reset()
-    if getattr(drafter, "needs_features", False):
-        target.capture_features()
-    drafter.begin(prompt)
-    tokens = list(prompt)
-    pending = tokens[:-1]  # the prompt goes through the target with the first tree; then the
-    # cache always holds every committed token but the last one, the next tree's root
-    while len(result.tokens) < max_new_tokens:
-        ctx = DraftContext(tokens, max_new_tokens - len(result.tokens) - 1, sampling, rng)
-        with timer.phase("draft"):
-            tree = drafter.propose(ctx)
-        if max(tree.depths) > ctx.max_depth:
-            raise RuntimeError(f"{type(drafter).__name__} drafted {max(tree.depths)} deep, over the step's limit {ctx.max_depth}")
-        with timer.phase("prefill" if pending else "target"):
-            logits = target.forward_tree(tree, pending)  # [n_nodes (+ aux), vocab]
-        with timer.phase("accept"):
-            verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
-        target.commit([0, *verdict.accepted])
-        new = [tree.tokens[i] for i in verdict.accepted] + [verdict.next_token]
-        kinds = ["accepted"] * len(verdict.accepted) + [verdict.next_kind]
-        stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
-        new, kinds = new[:stop_at], kinds[:stop_at]
-        with timer.phase("draft"):
-            drafter.observe(tree, logits, verdict, new, _committed_features(target, drafter, len(pending), verdict))
-        pending = []
-        stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
-        tokens += new
-        result.tokens += new
-        result.kinds += kinds
-        if stop_at is not None:
-            break
+    with target.features_captured(getattr(drafter, "needs_features", False)):  # released after, even on error
+        drafter.begin(prompt)
+        tokens = list(prompt)
+        pending = tokens[:-1]  # the prompt goes through the target with the first tree; then the
+        # cache always holds every committed token but the last one, the next tree's root
+        while len(result.tokens) < max_new_tokens:
+            ctx = DraftContext(tokens, max_new_tokens - len(result.tokens) - 1, sampling, rng)
+            with timer.phase("draft"):
+                tree = drafter.propose(ctx)
+            if max(tree.depths) > ctx.max_depth:
+                raise RuntimeError(f"{type(drafter).__name__} drafted {max(tree.depths)} deep, over the step's limit {ctx.max_depth}")
+            with timer.phase("prefill" if pending else "target"):
+                logits = target.forward_tree(tree, pending)  # [n_nodes (+ aux), vocab]
+            with timer.phase("accept"):
+                verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
+            target.commit([0, *verdict.accepted])
+            new = [tree.tokens[i] for i in verdict.accepted] + [verdict.next_token]
+            kinds = ["accepted"] * len(verdict.accepted) + [verdict.next_kind]
+            stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
+            new, kinds = new[:stop_at], kinds[:stop_at]
+            with timer.phase("draft"):
+                drafter.observe(tree, logits, verdict, new, _committed_features(target, drafter, len(pending), verdict))
+            pending = []
+            stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
+            tokens += new
+            result.tokens += new
+            result.kinds += kinds
+            if stop_at is not None:
+                break
     stats.wall_time_s = time.perf_counter() - start
     return result
 
 
-def _committed_features(target: CachedLM, drafter, n_pending: int, verdict) -> torch.Tensor | None:
+def _committed_features(target: CachedLM, drafter: Drafter, n_pending: int, verdict: Verdict) -> torch.Tensor | None:
     """The target's features of the pending context, the root and the accepted path."""
     if not getattr(drafter, "needs_features", False):
         return None

@@ -9,11 +9,16 @@ and a cache that keeps every position so that the masks' sizes are the cache's.
 """
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 
+import torch
+
+from ..compat import cache_kwargs, new_cache
+from ..layers import decoder_layers
 from .cache import cache_length, crop_to, keep_positions
-from .tree import TokenTree, ancestor_matrix, depths_of
+from .tree import TokenTree, depths_of, shared_ancestor_matrix
 
 SUPPORTED_TREE_MODELS = ("llama", "gemma3_text", "gemma3")
 
@@ -31,22 +36,62 @@ class CachedLM:
         self._tree_start = 0  # cache length when the current tree began
         self._fed: list[int] = []  # tree nodes in the cache after _tree_start, in cache order
         self.features: torch.Tensor | None = None  # see capture_features
-        self._feature_hook = None
+        self._feature_hooks: list = []
 
-    def capture_features(self) -> None:
+    def capture_features(self, layers: tuple[int, ...] | None = None) -> None:
         """From now on keep, after each pass, the target's features for every input position
-        of that pass: the last hidden states, after the final norm, i.e. what the LM head
-        reads ([positions, hidden]). Feature drafters (Medusa, EAGLE) draft from them.
-        A hook on the base model sees every position, not only the rows whose logits are kept."""
-        if self._feature_hook is None:
+        of that pass ([positions, width]). Without layers: the last hidden states, after the
+        final norm, i.e. what the LM head reads (Medusa, EAGLE-1). With layers (EAGLE-3): the
+        hidden states entering each of those decoder layers, concatenated in that order
+        (transformers' hidden_states[L]; vLLM's aux hidden state ids).
+        Hooks see every position, not only the rows whose logits are kept.
+        release_features() removes them: the model is shared (other generators, HF peers)."""
+        if self._feature_hooks:
+            return
+        base = self.model.base_model
+        if not layers:
             def keep(module, args, output):
                 self.features = output[0][0].detach()
-            self._feature_hook = self.model.base_model.register_forward_hook(keep)
+            self._feature_hooks = [base.register_forward_hook(keep)]
+            return
+        states: dict[int, torch.Tensor] = {}
+        blocks = decoder_layers(self.model)
 
-    def _new_cache(self) -> DynamicCache:
+        def entering(index):
+            def hook(module, args, kwargs):
+                states[index] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+            return hook
+
+        def assemble(module, args, output):
+            self.features = torch.cat([states[i] for i in layers], -1)
+            states.clear()
+        self._feature_hooks = [blocks[i].register_forward_pre_hook(entering(i), with_kwargs=True) for i in set(layers)]
+        self._feature_hooks.append(base.register_forward_hook(assemble))
+
+    def release_features(self) -> None:
+        """Undo capture_features: remove the hook from the model and drop the last features."""
+        for hook in self._feature_hooks:
+            hook.remove()
+        self._feature_hooks = []
+        self.features = None
+
+    @contextmanager
+    def features_captured(self, enabled: bool | tuple[int, ...] = True) -> Iterator[None]:
+        """capture_features() for a `with` block (one generation), release_features() after it,
+        even on error: the model is shared with other methods and HF peers, which must not run the hook."""
+        if not enabled:
+            yield
+            return
+        self.capture_features(None if enabled is True else tuple(enabled))
+        try:
+            yield
+        finally:
+            self.release_features()
+
+    def _new_cache(self):
         # Without the config every layer keeps all positions: sliding-window layers then
         # support rollback and gather, and the per-type masks below apply the window.
-        return DynamicCache() if self._hybrid else DynamicCache(config=self.model.config)
+        return new_cache() if self._hybrid else new_cache(self.model.config)
 
     @property
     def cached_len(self) -> int:
@@ -62,7 +107,7 @@ class CachedLM:
     def _run(self, ids: torch.Tensor, logits_to_keep: int = 0, **extra) -> torch.Tensor:
         with torch.inference_mode():
             out = self.model(
-                input_ids=ids.to(self.device)[None], past_key_values=self.cache,
+                input_ids=ids.to(self.device)[None], **cache_kwargs(self.model, self.cache),
                 use_cache=True, logits_to_keep=logits_to_keep, **extra,
             )
         self.last_output = out  # a draft head's other outputs (EAGLE: the predicted features)
@@ -89,6 +134,10 @@ class CachedLM:
         if tree.is_chain:  # plain causal attention is exactly the chain's ancestor mask
             return self._run(ids, logits_to_keep=n)
         _check_tree_support(self.model)
+        if not (n_pending or n_aux or self._hybrid):  # the hot path: masks and positions cached per tree shape
+            positions = base + _depth_tensor(tuple(tree.parents))
+            return self._run(ids, logits_to_keep=n, position_ids=positions[None].to(self.device),
+                             attention_mask=self._tree_additive(tree.parents, None, None, base))
         total = n_pending + n + n_aux
         visible = torch.zeros(total, base + total, dtype=torch.bool)
         visible[:, :base] = True
@@ -127,11 +176,22 @@ class CachedLM:
 
     def _tree_masks(self, parents, queries, keys, start, depths):
         """Masks for tree nodes `queries` over the context and the tree nodes `keys`."""
-        visible_tree = ancestor_matrix(parents)[queries][:, keys]
+        if not self._hybrid:
+            return self._tree_additive(parents, tuple(queries), tuple(keys), start)
+        visible_tree = shared_ancestor_matrix(parents)[queries][:, keys]
         visible = torch.cat([torch.ones(len(queries), start, dtype=torch.bool), visible_tree], dim=1)
         query_pos = torch.tensor([start + depths[q] for q in queries])
         key_pos = torch.tensor([start + depths[k] for k in keys])
         return self._masks(visible, query_pos, key_pos)
+
+    def _tree_additive(self, parents, queries: tuple[int, ...] | None, keys: tuple[int, ...] | None, start: int):
+        """Additive mask [1, 1, queries, start + keys] of tree nodes over `start` context
+        positions (all visible) and tree nodes `keys` (visible when an ancestor or self); None = every node.
+        The tree block is cached per (shape, queries, keys): only the context part is new each pass."""
+        block = _additive_block(tuple(parents), queries, keys, self.dtype, self.device)  # [queries, keys]
+        mask = torch.zeros(block.shape[0], start + block.shape[1], dtype=self.dtype, device=self.device)
+        mask[:, start:] = block
+        return mask[None, None]
 
     def _masks(self, visible: torch.Tensor, query_pos: torch.Tensor, tree_key_pos: torch.Tensor):
         """Additive float masks [1, 1, queries, start + tree keys]: 0 where visible, dtype min elsewhere.
@@ -159,6 +219,25 @@ class CachedLM:
         crop_to(self.cache, length)
 
 
+
+
+@lru_cache(maxsize=1024)
+def _additive_block(parents: tuple[int, ...], queries: tuple[int, ...] | None, keys: tuple[int, ...] | None,
+                    dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[queries, keys] additive tree mask: 0 where the key is the query or its ancestor, dtype min elsewhere.
+    Cached and shared: read it, never write it."""
+    visible = shared_ancestor_matrix(parents)
+    if queries is not None:
+        visible = visible[list(queries)]
+    if keys is not None:
+        visible = visible[:, list(keys)]
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min).to(device)
+
+
+@lru_cache(maxsize=1024)
+def _depth_tensor(parents: tuple[int, ...]) -> torch.Tensor:
+    """[n] int64 depths of a tree shape (position ids relative to the root's), cached per shape."""
+    return torch.tensor(depths_of(parents))
 
 
 def _check_tree_support(model) -> None:

@@ -13,8 +13,9 @@ never see them, and commit drops them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,9 @@ class TokenTree:
     # [n_aux, n_nodes + n_aux] bool: which tree and auxiliary nodes each auxiliary node sees
     # (the cached context is always visible)
     aux_visible: torch.Tensor | None = field(default=None, compare=False)
+    # Optional, per node: the drafter's log-probability of the path from the root to the node
+    # (EAGLE-2's score; the root's is 0). Drafters that merge trees rank nodes by it.
+    scores: tuple[float, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens:
@@ -41,6 +45,8 @@ class TokenTree:
         if n_aux and (len(self.aux_positions) != n_aux or self.aux_visible is None
                       or tuple(self.aux_visible.shape) != (n_aux, len(self.tokens) + n_aux)):
             raise ValueError("auxiliary nodes need one position each and aux_visible of shape [n_aux, n_nodes + n_aux]")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError("scores need one value per node")
 
     @classmethod
     def chain(cls, root: int, drafts: list[int] | tuple[int, ...] = (), draft_probs: torch.Tensor | None = None) -> "TokenTree":
@@ -61,7 +67,7 @@ class TokenTree:
 
     @cached_property
     def depths(self) -> tuple[int, ...]:
-        return tuple(depths_of(self.parents))
+        return _depths(self.parents)
 
     @cached_property
     def children(self) -> tuple[tuple[int, ...], ...]:
@@ -82,24 +88,41 @@ class TokenTree:
         return [self.path_to(i) for i, kids in enumerate(self.children) if not kids]
 
     def ancestor_mask(self) -> torch.Tensor:
-        """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
-        return ancestor_matrix(self.parents)
+        """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors.
+        Shared by every tree of this shape: read it, never write it."""
+        return shared_ancestor_matrix(self.parents)
 
 
 def depths_of(parents) -> list[int]:
     """Depth of every node of a topologically ordered parent list (the root's is 0)."""
-    depths = [0] * len(parents)
-    for i in range(1, len(parents)):
-        depths[i] = depths[parents[i]] + 1
-    return depths
+    return list(_depths(tuple(parents)))
 
 
 def ancestor_matrix(parents) -> torch.Tensor:
-    """[n, n] bool ancestor-or-self matrix of a topologically ordered parent list."""
+    """[n, n] bool ancestor-or-self matrix of a topologically ordered parent list (a new tensor)."""
+    return shared_ancestor_matrix(parents).clone()
+
+
+def shared_ancestor_matrix(parents) -> torch.Tensor:
+    """ancestor_matrix, cached per tree shape: the same tensor for every tree of these parents
+    (static trees, and dynamic ones that repeat a shape, build it once). Read it, never write it."""
+    return _ancestors(tuple(parents))
+
+
+@lru_cache(maxsize=1024)
+def _depths(parents: tuple[int, ...]) -> tuple[int, ...]:
+    depths = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depths[i] = depths[parents[i]] + 1
+    return tuple(depths)
+
+
+@lru_cache(maxsize=1024)
+def _ancestors(parents: tuple[int, ...]) -> torch.Tensor:
     n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask = np.zeros((n, n), dtype=bool)
     for i, p in enumerate(parents):
         if p >= 0:
             mask[i] = mask[p]  # a node sees what its parent sees, plus itself
         mask[i, i] = True
-    return mask
+    return torch.from_numpy(mask)

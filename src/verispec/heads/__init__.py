@@ -4,17 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# Trained heads small enough to ship live in the repository's drafters/ folder (an editable
-# install finds them); anything trained by the user goes to $VERISPEC_HOME/drafters.
-REPO_DRAFTERS = Path(__file__).resolve().parents[3] / "drafters"
+from ..assets import DRAFTERS as SHIPPED_DRAFTERS
+from ..models import verispec_home
+
+# Trained heads small enough to ship are package data (verispec/assets/drafters/<model>/<kind>,
+# found in editable and wheel installs alike); anything the user trains goes to $VERISPEC_HOME/drafters.
 
 
 def drafter_dirs(target: Any, kind: str) -> list[Path]:
     """Where a trained `kind` drafter of this target is looked for, first hit wins: the user's
-    cache ($VERISPEC_HOME/drafters/<model>/<kind>), then the repository's drafters/ folder."""
-    from ..models import verispec_home
+    cache ($VERISPEC_HOME/drafters/<model>/<kind>), then the heads shipped with the package."""
     name = Path(str(getattr(target, "name", "model"))).name
-    return [verispec_home() / "drafters" / name / kind, REPO_DRAFTERS / name / kind]
+    return [verispec_home() / "drafters" / name / kind, SHIPPED_DRAFTERS / name / kind]
 
 
 def find_drafter(target: Any, kind: str, train_hint: str) -> Path:

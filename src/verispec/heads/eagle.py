@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from ..compat import cache_kwargs
+
 ARCHITECTURE = "EagleLlamaForCausalLM"
 WEIGHTS = "model.safetensors"
 DRAFT_VOCAB = "draft_vocab.safetensors"  # verispec's own: token ids by training-data frequency
@@ -81,13 +83,13 @@ class EagleHead(nn.Module):
     def base_model(self) -> nn.Module:  # CachedLM's feature hook looks for it; the head has none to give
         return self.model
 
-    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, past_key_values=None, use_cache: bool = False,
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, cache=None, use_cache: bool = False,
                 logits_to_keep: int = 0, position_ids=None, attention_mask=None) -> HeadOutput:
         if self._target is None:
             raise RuntimeError("attach(target_model) before running an EAGLE head")
         embed, head = self._target
         x = self.fc(torch.cat([embed(input_ids).to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], -1))
-        hidden = self.model(inputs_embeds=x, past_key_values=past_key_values, use_cache=use_cache,
+        hidden = self.model(inputs_embeds=x, **cache_kwargs(self.model, cache), use_cache=use_cache,
                             position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

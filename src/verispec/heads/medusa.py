@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 CONFIG = "config.json"
@@ -161,9 +162,7 @@ def save_medusa(heads: MedusaHeads, directory: str | Path, target_name: str,
     """Write config.json + model.safetensors in vLLM's Medusa layout (see the module docstring).
 
     heads.meta goes into config.json's "verispec" entry; the drafter expects "vocab_hash"
-    there (the target tokenizer's identity, verispec.datastore.tokenizer_identity)."""
-    from safetensors.torch import save_file
-
+    there (the target tokenizer's identity, verispec.models.tokenizer_identity)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -195,8 +194,6 @@ def read_medusa_config(directory: str | Path) -> dict:
 def load_medusa(directory: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> MedusaHeads:
     """Heads saved by save_medusa (or any vLLM-layout Medusa checkpoint with bias blocks)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config = read_medusa_config(directory)
     tensors = {k.removeprefix("medusa_heads."): v for k, v in load_file(str(directory / WEIGHTS)).items()}

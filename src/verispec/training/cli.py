@@ -1,20 +1,22 @@
-"""`verispec train {data,draft-model,medusa,eagle}`: argparse only; each trainer module
+"""`verispec train {data,draft-model,medusa,eagle,eagle1}`: argparse only; each trainer module
 has add_arguments(parser) and run(args) -> exit code."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
+import torch
+
+from ..models import load_model
+from . import distill, eagle3_train, eagle_train, medusa_train
+from .common import data_dirs, default_data_dir, ensure_data  # noqa: F401  (the trainers' CLI helpers)
+from .data import build_dataset
+
 TRAINERS = {  # subcommand -> module
-    "draft-model": "verispec.training.distill",
-    "medusa": "verispec.training.medusa_train",
-    "eagle": "verispec.training.eagle_train",
+    "draft-model": distill,
+    "medusa": medusa_train,
+    "eagle": eagle3_train,  # EAGLE-3: the default head
+    "eagle1": eagle_train,
 }
-
-
-def default_data_dir(model: str) -> Path:
-    from ..models import verispec_home
-    return verispec_home() / "training-data" / Path(model).name
 
 
 def add_common(p) -> None:
@@ -23,6 +25,7 @@ def add_common(p) -> None:
                                              "$VERISPEC_HOME/training-data/<model>, built on first use)")
     p.add_argument("--samples", type=int, default=1024, help="prompts in a dataset built on first use")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: a GPU when there is one)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -37,48 +40,43 @@ def add_parser(subparsers) -> None:
                    help="where prompts come from: 'self' (default: the target writes them, self-instruct), 'docs' "
                         "(the stdlib source and python3.11-doc if installed), or text/HTML/.py files or folders")
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--answer-tokens", type=int, help="grow the dataset until it holds this many answer tokens "
+                                                     "(instead of --samples samples)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts answered at once")
+    p.add_argument("--chunk-size", type=int, default=64, help="samples per chunk file (the unit of resumption)")
+    p.add_argument("--dtype", default="auto", help="the target's dtype while generating")
     p.add_argument("--no-features", action="store_true", help="skip the target's features (draft-model only)")
     p.set_defaults(func=cmd_data)
-    for name, module in TRAINERS.items():
-        mod = importlib.import_module(module)
+    for name, mod in TRAINERS.items():
         p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0])
         add_common(p)
         p.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
         p.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
-
-
-def data_dirs(args) -> list[Path]:
-    """The dataset directories of --data, or the model's default one."""
-    return [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
-
-
-def ensure_data(args, lm, features: bool = True) -> list[Path]:
-    """The datasets of --data, or the default one for the model, built (or resumed) first."""
-    from .data import build_dataset, check_dataset_for
-    paths = data_dirs(args)
-    for path in paths:
-        if not (path / "manifest.json").exists() or args.data is None:
-            if len(paths) > 1:  # building each the same way would make copies of one dataset
-                raise ValueError(f"{path} is not a dataset; build each of several --data directories first "
-                                 "with 'verispec train data --out DIR'")
-            build_dataset(lm, path, n_samples=args.samples, seed=args.seed, features=features)
-        check_dataset_for(lm, path, need_features=features)
-    return paths
+        p.set_defaults(func=_with_threads(mod.run))
 
 
 def cmd_data(args) -> int:
-    import torch
-
-    import verispec
-    from .data import build_dataset
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = verispec.load_model(args.model, dtype="auto")
+    _set_threads(args)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     out = Path(args.out or default_data_dir(args.model))
     build_dataset(lm, out, n_samples=args.samples, sources=args.sources, max_new_tokens=args.max_new_tokens,
-                  batch_size=args.batch_size, seed=args.seed, features=not args.no_features)
+                  batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed,
+                  features=not args.no_features, answer_tokens=args.answer_tokens)
     print(f"dataset ready in {out}")
     return 0
+
+
+def _set_threads(args) -> None:
+    """--threads: the process's torch thread count, set here in the CLI (library code never sets it)."""
+    if args.threads:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _with_threads(run):
+    def wrapped(args) -> int:
+        _set_threads(args)
+        return run(args)
+    return wrapped

@@ -1,5 +1,5 @@
-"""What every trainer shares: a wall-clock budget, resumable checkpoints, progress lines,
-loss curves as PNG, and the held-out split of a dataset."""
+"""What every trainer shares: a wall-clock budget, resumable checkpoints, loss curves as PNG,
+and the held-out split of a dataset (the training loop itself is trainer.py's)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .data import Sample, chunk_indices, iter_samples
+from ..models import verispec_home
+from .data import Sample, build_dataset, check_dataset_for, chunk_indices, iter_samples
 
 CHECKPOINT = "trainer-state.pt"
 
@@ -74,32 +75,16 @@ def save_state(out: Path, state: dict[str, Any]) -> None:
 
 def load_state(out: Path) -> dict[str, Any] | None:
     path = out / CHECKPOINT
-    return torch.load(path, weights_only=False) if path.exists() else None
-
-
-class Progress:
-    def __init__(self, name: str, budget: Budget, every_s: float = 15.0, show: bool = True):
-        self.name, self.budget, self.every_s, self.show = name, budget, every_s, show
-        self.last = 0.0
-
-    def __call__(self, step: int, **values: float) -> None:
-        now = self.budget.spent_s
-        if not self.show or now - self.last < self.every_s:
-            return
-        self.last = now
-        left = max(0.0, self.budget.limit_s - now)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-        print(f"[{self.name}] step {step}  {shown}  {now / 60:.1f} min, {left / 60:.1f} min left", flush=True)
+    return torch.load(path, weights_only=True) if path.exists() else None
 
 
 def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
-    """One line per series (step, value); log scale when values span more than a decade."""
-    import matplotlib
+    """One line per series (step, value); log scale when values span more than a decade.
+    matplotlib's object API: no global backend is chosen or changed (the caller's stays)."""
+    from matplotlib.figure import Figure  # heavy and only needed here
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     values = []
     for name, points in history.items():
         if points:
@@ -113,9 +98,55 @@ def plot_losses(history: dict[str, list[tuple[int, float]]], path: Path, title: 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "training.json").write_text(json.dumps(report, indent=1))
+
+
+def batches_by_tokens(samples: list[Sample], batch_tokens: int):
+    """Consecutive samples packed until their padded size reaches batch_tokens."""
+    batch, width = [], 0
+    for s in samples:
+        w = max(width, len(s.ids))
+        if batch and w * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch, w = [], len(s.ids)
+        batch.append(s)
+        width = w
+    if batch:
+        yield batch
+
+
+def pad_samples(batch: list[Sample], device: torch.device | str = "cpu"):
+    """ids [B, T] (right-padded with 0), valid [B, T] bool, prompt_lens [B]."""
+    T = max(len(s.ids) for s in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    valid = torch.zeros(len(batch), T, dtype=torch.bool)
+    for i, s in enumerate(batch):
+        ids[i, :len(s.ids)], valid[i, :len(s.ids)] = s.ids, True
+    lens = torch.tensor([s.prompt_len for s in batch])
+    return ids.to(device), valid.to(device), lens.to(device)
+
+
+def default_data_dir(model: str) -> Path:
+    return verispec_home() / "training-data" / Path(model).name
+
+
+def data_dirs(args) -> list[Path]:
+    """The dataset directories of --data, or the model's default one."""
+    return [Path(d) for d in args.data] if args.data else [default_data_dir(args.model)]
+
+
+def ensure_data(args, lm, features: bool = True) -> list[Path]:
+    """The datasets of --data, or the default one for the model, built (or resumed) first."""
+    paths = data_dirs(args)
+    for path in paths:
+        if not (path / "manifest.json").exists() or args.data is None:
+            if len(paths) > 1:  # building each the same way would make copies of one dataset
+                raise ValueError(f"{path} is not a dataset; build each of several --data directories first "
+                                 "with 'verispec train data --out DIR'")
+            build_dataset(lm, path, n_samples=args.samples, seed=args.seed, features=features)
+        check_dataset_for(lm, path, need_features=features)
+    return paths

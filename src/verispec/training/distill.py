@@ -33,24 +33,27 @@ How this trainer does it, and why:
   bfloat16. The output directory is a Hugging Face model (float32 safetensors, the target's
   tokenizer and generation config) for `--draft DIR`, and the checkpoint beside it lets a
   rerun with the same --out (and a larger --minutes) continue.
+- Training runs on the shared skeleton (trainer.py): its budget, schedule, resume, report and
+  best-checkpoint choice, by held-out expected acceptance (what drafting pays for).
 """
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .divergences import DIVERGENCES, agreement_stats, value_and_grad
+from ..draft_init import layer_subset
+from ..models import load_model, tokenizer_identity
+from .common import as_dirs, command_line, data_dirs, ensure_data, load_split
+from .data import load_manifest
+from .divergences import DIVERGENCES, agreement_stats, divergence as pick, value_and_grad
+from .trainer import TrainConfig, data_identity, train
 
 DRAFT_RECORD = "verispec-draft.json"
-SETTINGS = ("model", "layers", "divergence", "beta", "temperature", "lr", "batch_tokens", "on_policy",
-            "on_policy_tokens", "train_embeddings", "feature_loss", "seed")
 
 
 def add_arguments(p) -> None:
@@ -63,6 +66,7 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of p and q in the loss")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, then cosine over "
                                                          "the time budget to a tenth)")
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per training batch")
     p.add_argument("--on-policy", type=float, default=0.0,
                    help="fraction of steps on on-policy data: the draft samples continuations of dataset "
@@ -78,6 +82,21 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-minutes", type=float, default=5.0, help="held-out evaluation every so many minutes")
     p.add_argument("--max-steps", type=int, help="also stop after this many optimizer steps (repeatable runs)")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint every so many minutes")
+
+
+@dataclass
+class DistillSettings:
+    layers: str | list[int] = "4"  # a count, or indices and ranges (parse_layers); the task resolves it
+    divergence: str = "fkl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    batch_tokens: int = 2048
+    on_policy: float = 0.0  # the fraction of batches the draft samples itself
+    on_policy_tokens: int = 64
+    train_embeddings: bool = False
+    feature_loss: float = 0.0
+    eval_samples: int = 64
+    data: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -171,14 +190,14 @@ def epoch_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: i
 # ----------------------------------------------------------------------------- the trainer
 
 class Distiller:
-    """A frozen target, a trainable layer-subset draft, and one training step.
+    """A frozen target, a trainable layer-subset draft, the loss of a batch and its evaluation.
 
-    Usable without the CLI: Distiller(target_lm, layers=[0, 3]).train_step(batch)."""
+    Usable without the CLI: Distiller(target_lm, layers=[0, 3]).train_step(batch) (one AdamW step
+    of its own; `verispec train draft-model` trains with the skeleton's optimizer instead)."""
 
     def __init__(self, target: Any, layers: list[int], divergence: str = "fkl", beta: float = 0.5,
                  temperature: float = 1.0, lr: float = 3e-3, train_embeddings: bool = False,
                  chunk: int = 512, amp: bool | None = None, feature_weight: float = 0.0):
-        from ..draft_init import layer_subset
         if divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
         if divergence == "jsd" and not 0.0 < beta < 1.0:
@@ -198,11 +217,8 @@ class Distiller:
             self.draft.get_input_embeddings().requires_grad_(True)
             self.draft.get_output_embeddings().requires_grad_(True)
         self.trainable = {n: p for n, p in self.draft.named_parameters() if p.requires_grad}
-        decay = [p for n, p in self.trainable.items() if p.ndim >= 2]
-        no_decay = [p for n, p in self.trainable.items() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
         self.lr = lr
+        self.optimizer = None  # train_step's, made on first use
         self.step = 0
 
     # -- the two sides' logits
@@ -234,10 +250,12 @@ class Distiller:
 
     # -- training and evaluation
 
-    def train_step(self, batch: Batch, lr: float | None = None, use_features: bool = True) -> float:
-        """One optimizer step on the batch; returns the mean divergence over its answer positions."""
+    def loss(self, batch: Batch, use_features: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's loss: its value is the mean divergence over the answer positions (plus the
+        feature term), its gradient the divergence's. The head and the divergence run in chunks with
+        their gradient written out, so this already accumulates the gradients of a trainable head;
+        the returned tensor's backward carries the rest into the layers."""
         target_logits = self.target_logits(batch, use_features)
-        self.draft.train()
         hidden = self.draft_hidden(batch)
         leaf = hidden.detach().requires_grad_(True)
         weights = torch.full((batch.positions,), 1.0 / batch.positions)
@@ -249,26 +267,43 @@ class Distiller:
             logits.backward(grad.to(logits.dtype))
             total += float(value)
         surrogate = (hidden.float() * leaf.grad).sum()  # carries the divergence's gradient into the layers
+        parts = {"divergence": total}
+        value = total
         if self.feature_weight > 0 and use_features and batch.features is not None:
             # EAGLE-style regression on the target's last hidden state (cached features): dense signal
             # that moves a layer subset into the head's input space quickly
             f = batch.features.float()
-            surrogate = surrogate + self.feature_weight * ((hidden.float() - f) ** 2).sum() / (f ** 2).sum()
-        surrogate.backward()
+            feature = ((hidden.float() - f) ** 2).sum() / (f ** 2).sum()
+            surrogate = surrogate + self.feature_weight * feature
+            parts["feature"] = feature.item()
+            value += self.feature_weight * feature.item()
+        return surrogate - surrogate.detach() + value, parts
+
+    def train_step(self, batch: Batch, lr: float | None = None, use_features: bool = True) -> float:
+        """One AdamW step on the batch (weight decay 0.01 on matrices, as the CLI trains); returns the
+        mean divergence over its answer positions."""
+        if self.optimizer is None:
+            matrices = [p for p in self.trainable.values() if p.ndim >= 2]
+            others = [p for p in self.trainable.values() if p.ndim < 2]
+            self.optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.01},
+                                                {"params": others, "weight_decay": 0.0}], lr=self.lr, betas=(0.9, 0.98))
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.draft.train()
+        loss, parts = self.loss(batch, use_features)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.draft.eval()
         self.step += 1
-        return total
+        return parts["divergence"]
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch], use_features: bool = True) -> dict[str, float]:
         """Held-out divergence, top-1 agreement and expected acceptance sum min(p, q) at temperature 1."""
-        from .divergences import divergence as pick
         loss_fn = pick(self.divergence, self.beta)
         sums = {"loss": 0.0, "agree": 0.0, "accept": 0.0, "positions": 0.0}
         for batch in batches:
@@ -297,28 +332,18 @@ class Distiller:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
         torch.manual_seed(seed)
+        training = self.draft.training
+        self.draft.eval()
         with self._autocast():
             out = self.draft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
                                       eos_token_id=eos or None)
+        self.draft.train(training)
         result = []
         for p, row in zip(prompts, out[:, width:].tolist()):
             cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             result.append(Seq(torch.tensor(p + row[:cut]), len(p), None))
         return result
-
-    # -- state
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"trainable": {n: p.detach().clone() for n, p in self.trainable.items()},
-                "optimizer": self.optimizer.state_dict(), "step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for n, p in self.trainable.items():
-                p.copy_(state["trainable"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
 
 
 def export_draft(distiller: Distiller, out: Path, record: dict[str, Any]) -> None:
@@ -368,8 +393,6 @@ def _check_args(args) -> None:
 def _load_data(args, lm) -> tuple[list[Path], bool]:
     """The dataset directories, and whether they all hold the target's features (which spare
     a target forward per step)."""
-    from .cli import data_dirs, ensure_data
-    from .data import load_manifest
     paths = data_dirs(args)
     features = all(load_manifest(p).get("features") for p in paths if (p / "manifest.json").exists())
     return ensure_data(args, lm, features=features), features
@@ -385,150 +408,123 @@ def _features_match(distiller: Distiller, seq: Seq) -> bool:
     return agree >= 0.9
 
 
-def _lr_at(args, step: int, spent_s: float, warmup: int = 20) -> float:
-    frac = min(1.0, spent_s / (args.minutes * 60.0))
-    cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return args.lr * min(1.0, (step + 1) / warmup) * cosine
+class DistillTask:
+    """The draft-model distillation on the skeleton. Batches are sample groups of similar length,
+    drawn per epoch (epoch_batches); with on-policy data, each epoch also decides (seeded) which
+    batches the draft answers itself, and loss() samples those answers with the draft as it is at
+    that step. Score: held-out expected acceptance sum min(p, q)."""
+
+    name = "draft-model"
+    score_name = "expected acceptance"
+
+    def __init__(self, lm, settings: DistillSettings, data=None, target_name: str = "", seed: int = 0,
+                 use_features: bool = True, show: bool = True):
+
+        s = self.s = settings
+        if not 0.0 <= s.on_policy <= 1.0:
+            raise ValueError(f"on-policy is a fraction of batches in [0, 1], got {s.on_policy}")
+        self.lm, self.target_name, self.seed = lm, str(target_name), seed
+        self.total_layers = len(lm.model.model.layers) if hasattr(lm.model, "model") else 0
+        s.layers = parse_layers(s.layers, self.total_layers)
+        self.dirs = as_dirs(data if data is not None else s.data)
+        train_samples, held_samples = load_split(self.dirs)
+        self.train = [Seq(x.ids, x.prompt_len, x.features) for x in train_samples]
+        self.held = [Seq(x.ids, x.prompt_len, x.features) for x in held_samples][:s.eval_samples]
+        self.distiller = Distiller(lm, s.layers, s.divergence, s.beta, s.temperature,
+                                   train_embeddings=s.train_embeddings, feature_weight=s.feature_loss)
+        self.use_features = use_features and self.train[0].features is not None and self.held[0].features is not None
+        if self.use_features and not _features_match(self.distiller, self.held[0]):
+            if show:
+                print("[distill] the dataset's features do not reproduce this target's predictions; "
+                      "computing target logits with a forward pass instead", flush=True)
+            self.use_features = False
+        groups = epoch_batches([len(x.ids) for x in self.held], s.batch_tokens, 0, 0)
+        self.held_batches = [make_batch([self.held[i] for i in g], self.use_features) for g in sorted(groups)]
+        self.on_policy_steps = self.trained_positions = 0
+
+    def settings(self) -> dict:
+
+        s = asdict(self.s)
+        s["data"] = data_identity(self.dirs)
+        return {"model": self.target_name, **s, "target": tokenizer_identity(self.lm).get("vocab_hash")}
+
+    def module(self):
+        return self.distiller.draft
+
+    def batches(self, epoch: int):
+        groups = epoch_batches([len(x.ids) for x in self.train], self.s.batch_tokens, self.seed, epoch)
+        rng = random.Random(self.seed * 7919 + epoch)
+        return [{"samples": g, "on_policy": rng.randrange(2 ** 31) if rng.random() < self.s.on_policy else None}
+                for g in groups]
+
+    def loss(self, batch):
+        seqs = [self.train[i] for i in batch["samples"]]
+        on_policy = batch["on_policy"] is not None
+        if on_policy:
+            seqs = self.distiller.sample_on_policy(seqs, self.s.on_policy_tokens, seed=batch["on_policy"])
+            self.on_policy_steps += 1
+        b = make_batch(seqs, self.use_features and not on_policy)
+        self.trained_positions += b.positions
+        return self.distiller.loss(b, self.use_features and not on_policy)
+
+    def evaluate(self, quick: bool) -> dict:
+        m = self.distiller.evaluate(self.held_batches, self.use_features)
+        return {"score": m["acceptance"], **m}
+
+    def task_state(self) -> dict:
+        return {"on_policy_steps": self.on_policy_steps, "trained_positions": self.trained_positions}
+
+    def load_task_state(self, state: dict) -> None:
+        self.on_policy_steps, self.trained_positions = state["on_policy_steps"], state["trained_positions"]
+
+    def describe(self) -> dict:
+        d = self.distiller
+        return {"target": self.target_name, "layers": self.s.layers, "on_policy_steps": self.on_policy_steps,
+                "target_logits": "cached features" if self.use_features else "target forward",
+                "data": {"dir": [str(x) for x in self.dirs], "train_samples": len(self.train),
+                         "train_tokens": sum(len(x.ids) for x in self.train),
+                         "train_answer_tokens": sum(len(x.ids) - x.prompt_len for x in self.train),
+                         "held_out_samples": len(self.held),
+                         "held_out_positions": sum(b.positions for b in self.held_batches),
+                         "trained_positions": self.trained_positions},
+                "parameters": {"draft": sum(p.numel() for p in d.draft.parameters()),
+                               "trained": sum(p.numel() for p in d.trainable.values())}}
+
+    def save(self, out: Path, report: dict) -> None:
+        keys = ("loss", "agreement", "acceptance", "positions")
+        record = {**{k: report[k] for k in ("target", "layers", "settings", "command", "steps", "best_step", "epochs",
+                                            "on_policy_steps", "target_logits", "data", "parameters")},
+                  "train_minutes": report["train_minutes"], "before": report.get("before"),
+                  "after": {k: report[k] for k in keys}}
+        export_draft(self.distiller, out, record)
 
 
 def run(args) -> int:
-    import verispec
-    from .common import Budget, Progress, command_line, load_split, load_state, plot_losses, save_state, write_report
 
     _check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    lm = verispec.load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype)
     total_layers = len(lm.model.model.layers) if hasattr(lm.model, "model") else 0
     layers = parse_layers(args.layers, total_layers)
     data_dirs, has_features = _load_data(args, lm)
-    train_samples, held_samples = load_split(data_dirs)
-    train = [Seq(s.ids, s.prompt_len, s.features) for s in train_samples]
-    held = [Seq(s.ids, s.prompt_len, s.features) for s in held_samples][:args.eval_samples]
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    settings["layers"] = layers
-    settings["data"] = [str(d.resolve()) for d in data_dirs]
-
-    state = load_state(out)
-    if state is not None:
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        if changed:
-            raise ValueError(f"{out} holds a training run with other settings ({', '.join(changed)}: "
-                             f"{', '.join(repr(state['settings'].get(k)) for k in changed)}); "
-                             "rerun with those, or use another --out")
-    distiller = Distiller(lm, layers, args.divergence, args.beta, args.temperature, args.lr, args.train_embeddings,
-                          feature_weight=args.feature_loss)
-    use_features = has_features and train[0].features is not None
-    if use_features and not _features_match(distiller, held[0]):
-        print("[distill] the dataset's features do not reproduce this target's predictions; "
-              "computing target logits with a forward pass instead", flush=True)
-        use_features = False
-
-    def batches_of(seqs: Sequence[Seq]) -> list[Batch]:
-        groups = epoch_batches([len(s.ids) for s in seqs], args.batch_tokens, 0, 0)
-        return [make_batch([seqs[i] for i in g], use_features) for g in sorted(groups)]
-
-    held_batches = batches_of(held)
-    if state is not None:
-        distiller.load_state_dict(state["distiller"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"[distill] resuming {out} at step {distiller.step} ({state['spent_s'] / 60:.1f} min spent)", flush=True)
-    else:
-        print(f"[distill] draft: layers {layers} of {total_layers}; "
-              f"{sum(p.numel() for p in distiller.trainable.values()) / 1e6:.1f}M trainable parameters; "
-              f"{len(train)} training samples, {len(held)} held out; target logits from "
-              f"{'cached features' if use_features else 'a target forward'}", flush=True)
-        t0 = time.perf_counter()
-        before = distiller.evaluate(held_batches, use_features)
-        print(f"[distill] before: held-out agreement {before['agreement']:.4f}, acceptance "
-              f"{before['acceptance']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-        state = {"settings": settings, "spent_s": 0.0, "epoch": 0, "batch": 0, "trained_positions": 0,
-                 "on_policy_steps": 0, "history": {"train loss": [], "held-out loss": [(0, before["loss"])],
-                                                   "held-out agreement": [(0, before["agreement"])],
-                                                   "held-out acceptance": [(0, before["acceptance"])]},
-                 "before": before, "after": None}
-
-    budget = Budget(args.minutes, state["spent_s"])
-    progress = Progress("distill", budget)
-    history = state["history"]
-    lengths = [len(s.ids) for s in train]
-    epoch, cursor = state["epoch"], state["batch"]
-    plan = epoch_batches(lengths, args.batch_tokens, args.seed, epoch)
-    last_ckpt = last_eval = budget.spent_s
-    smooth = None
-    positions_at_start, start = state["trained_positions"], time.perf_counter()
-
-    def checkpoint() -> None:
-        state.update(spent_s=budget.spent_s, epoch=epoch, batch=cursor, distiller=distiller.state_dict(),
-                     torch_rng=torch.get_rng_state())
-        save_state(out, state)
-
-    while not budget.expired() and (args.max_steps is None or distiller.step < args.max_steps):
-        if cursor >= len(plan):
-            epoch, cursor = epoch + 1, 0
-            plan = epoch_batches(lengths, args.batch_tokens, args.seed, epoch)
-        seqs = [train[i] for i in plan[cursor]]
-        cursor += 1
-        on_policy = args.on_policy > 0 and random.Random(args.seed * 7919 + distiller.step).random() < args.on_policy
-        if on_policy:
-            seqs = distiller.sample_on_policy(seqs, args.on_policy_tokens, seed=args.seed * 7919 + distiller.step)
-            batch = make_batch(seqs, use_features=False)
-            state["on_policy_steps"] += 1
-        else:
-            batch = make_batch(seqs, use_features)
-        loss = distiller.train_step(batch, lr=_lr_at(args, distiller.step, budget.spent_s),
-                                    use_features=use_features and not on_policy)
-        state["trained_positions"] += batch.positions
-        smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
-        history["train loss"].append((distiller.step, loss))
-        rate = (state["trained_positions"] - positions_at_start) / max(time.perf_counter() - start, 1e-9)
-        progress(distiller.step, loss=smooth, epoch=epoch + cursor / len(plan), positions_per_s=rate)
-        if budget.spent_s - last_eval >= args.eval_minutes * 60 and not budget.expired():
-            m = distiller.evaluate(held_batches, use_features)
-            for key in ("loss", "agreement", "acceptance"):
-                history[f"held-out {key}"].append((distiller.step, m[key]))
-            print(f"[distill] step {distiller.step}: held-out agreement {m['agreement']:.4f}, "
-                  f"acceptance {m['acceptance']:.4f}", flush=True)
-            last_eval = budget.spent_s
-        if budget.spent_s - last_ckpt >= args.checkpoint_minutes * 60:
-            checkpoint()
-            last_ckpt = budget.spent_s
-
-    train_s = budget.spent_s
-    checkpoint()
-    after = state.get("after")
-    if not after or after.get("step") != distiller.step:
-        after = {**distiller.evaluate(held_batches, use_features), "step": distiller.step}
-        state["after"] = after
-        if history["held-out loss"][-1][0] != distiller.step:
-            for key in ("loss", "agreement", "acceptance"):
-                history[f"held-out {key}"].append((distiller.step, after[key]))
-        save_state(out, state)
-    before = state["before"]
-    print(f"[distill] after {distiller.step} steps: held-out agreement {before['agreement']:.4f} -> "
-          f"{after['agreement']:.4f}, acceptance {before['acceptance']:.4f} -> {after['acceptance']:.4f}", flush=True)
-
-    record = {
-        "target": str(args.model), "layers": layers, "settings": settings,
-        "command": command_line(),
-        "train_minutes": train_s / 60, "steps": distiller.step, "epochs": epoch + cursor / max(len(plan), 1),
-        "on_policy_steps": state["on_policy_steps"],
-        "target_logits": "cached features" if use_features else "target forward",
-        "data": {"dir": [str(d) for d in data_dirs], "train_samples": len(train), "train_tokens": sum(lengths),
-                 "train_answer_tokens": sum(len(s.ids) - s.prompt_len for s in train),
-                 "held_out_samples": len(held), "held_out_positions": after["positions"],
-                 "trained_positions": state["trained_positions"]},
-        "parameters": {"draft": sum(p.numel() for p in distiller.draft.parameters()),
-                       "trained": sum(p.numel() for p in distiller.trainable.values())},
-        "before": before, "after": after,
-    }
-    export_draft(distiller, out, record)
-    losses = {k: v for k, v in history.items() if k.endswith("loss")}
-    plot_losses(losses, out / "loss.png", f"distillation ({args.divergence}), layers {layers}")
-    plot_losses({k: v for k, v in history.items() if not k.endswith("loss")}, out / "agreement.png",
-                "held-out agreement with the target")
-    write_report(out, {**record, "history": history})
-    print(f"[distill] draft saved in {out} (use --method draft-model --draft {out})", flush=True)
+    settings = DistillSettings(layers=layers, divergence=args.divergence, beta=args.beta, temperature=args.temperature,
+                               batch_tokens=args.batch_tokens, on_policy=args.on_policy,
+                               on_policy_tokens=args.on_policy_tokens, train_embeddings=args.train_embeddings,
+                               feature_loss=args.feature_loss, eval_samples=args.eval_samples,
+                               data=[str(d) for d in data_dirs])
+    task = DistillTask(lm, settings, target_name=args.model, seed=args.seed, use_features=has_features)
+    d = task.distiller
+    print(f"[distill] draft: layers {layers} of {total_layers}; "
+          f"{sum(p.numel() for p in d.trainable.values()) / 1e6:.1f}M trainable parameters; "
+          f"{len(task.train)} training samples, {len(task.held)} held out; target logits from "
+          f"{'cached features' if task.use_features else 'a target forward'}", flush=True)
+    config = TrainConfig(minutes=args.minutes, max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                         weight_decay=0.01, betas=(0.9, 0.98), clip=1.0, eval_every=0, eval_minutes=args.eval_minutes,
+                         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed)
+    report = train(task, config, Path(args.out), command=command_line())
+    before = report.get("before") or {}
+    print(f"[distill] after {report['steps']} steps (kept: step {report['best_step']}): held-out agreement "
+          f"{before.get('agreement', float('nan')):.4f} -> {report['agreement']:.4f}, acceptance "
+          f"{before.get('acceptance', float('nan')):.4f} -> {report['acceptance']:.4f}", flush=True)
+    print(f"[distill] draft saved in {args.out} (use --method draft-model --draft {args.out})", flush=True)
     return 0

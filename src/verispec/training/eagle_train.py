@@ -10,18 +10,32 @@ as in EAGLE, so the head tolerates its own imperfect features when it drafts dee
 """
 from __future__ import annotations
 
-import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import Budget, Progress, as_dirs, command_line, load_split, load_state, plot_losses, save_state, write_report
-from .data import token_ranking
+from ..heads.eagle import EagleHead, head_config, save_eagle
+from ..models import load_model, tokenizer_identity
+from .common import as_dirs, batches_by_tokens, command_line, ensure_data, load_split
+from .data import check_dataset_for, token_ranking
+from .trainer import TrainConfig, data_identity, train
+
+
+@dataclass
+class EagleSettings:
+    train_vocab: int = 16384  # tokens (by training-data frequency) in the cross-entropy; 0: the whole vocabulary
+    feature_weight: float = 1.0
+    token_weight: float = 0.1
+    noise: float = 0.2  # uniform input-feature noise, in units of the feature RMS
+    batch_tokens: int = 4096
+    data: list[str] = field(default_factory=list)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimisation step")
     p.add_argument("--train-vocab", type=int, default=16384,
                    help="tokens (by training-data frequency) in the cross-entropy; 0 = the full vocabulary")
@@ -34,111 +48,83 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import verispec
-    from .cli import ensure_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = verispec.load_model(args.model, dtype="bfloat16")  # the features' dtype; the head trains in float32
-    data = ensure_data(args, lm, features=True)
-    report = train_eagle(lm, data, Path(args.out), minutes=args.minutes, max_steps=args.max_steps, lr=args.lr, batch_tokens=args.batch_tokens,
-                         train_vocab=args.train_vocab, feature_weight=args.feature_weight,
-                         token_weight=args.token_weight, noise=args.noise, eval_every=args.eval_every,
-                         seed=args.seed, command=command_line())
-    print(f"[eagle] done: {report['steps']} steps, {report['train_minutes']:.1f} min, {report['train_samples']} samples / "
-          f"{report['train_tokens']} tokens; held-out top-1 {report['top1']:.3f}, at depth 2 "
-          f"{report['top1_depth2']:.3f}; saved to {args.out}")
+    lm = load_model(args.model, dtype="bfloat16", device=args.device)  # the features' dtype; the head trains in float32
+    settings = EagleSettings(train_vocab=args.train_vocab, feature_weight=args.feature_weight,
+                             token_weight=args.token_weight, noise=args.noise, batch_tokens=args.batch_tokens,
+                             data=[str(d) for d in ensure_data(args, lm, features=True)])
+    config = TrainConfig(minutes=args.minutes, max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                         eval_every=args.eval_every, seed=args.seed)
+    torch.manual_seed(args.seed)  # the head's initialisation
+    report = train(EagleTask(lm, settings), config, Path(args.out), command=command_line())
+    print(f"[eagle1] done: {report['steps']} steps (best {report['best_step']}), {report['train_minutes']:.1f} min, "
+          f"{report['train_samples']} samples / {report['train_tokens']} tokens; held-out top-1 {report['top1']:.3f}, "
+          f"at depth 2 {report['top1_depth2']:.3f}; saved to {args.out}")
     return 0
 
 
-def train_eagle(lm, data, out: Path, minutes: float, max_steps: int | None = None, lr: float = 1e-3,
-                batch_tokens: int = 4096, train_vocab: int = 16384, feature_weight: float = 1.0,
-                token_weight: float = 0.1, noise: float = 0.2, eval_every: int = 100, seed: int = 0,
-                command: str = "", progress: bool = True) -> dict:
-    """Train (or resume training) an EAGLE head for `lm` on dataset `data`; save it into `out`."""
-    from ..datastore import tokenizer_identity
-    from ..heads.eagle import EagleHead, head_config, save_eagle
+class EagleTask:
+    """EAGLE-1's head on the skeleton: the losses of eagle_loss, scored by evaluate."""
 
-    torch.manual_seed(seed)
-    out = Path(out)
-    train, held = load_split(data)
-    train.sort(key=lambda s: len(s.ids))  # batches of like lengths pad less
-    vocab = lm.model.config.vocab_size
-    ranking = token_ranking(train, vocab)
-    vocab_ids = ranking[:train_vocab].sort().values if train_vocab and train_vocab < vocab else None
+    name = "eagle1"
+    score_name = "2-token chain: expected tokens per pass"
 
-    head = EagleHead(head_config(lm.model.config)).float().attach(lm.model)
-    W = lm.model.get_output_embeddings().weight.detach().float()
-    W = W if vocab_ids is None else W[vocab_ids]
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    state = load_state(out)
-    step, history, spent = 0, {"train loss": [], "held-out top-1": []}, 0.0
-    if state is not None:
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["opt"])
-        step, history, spent = state["step"], state["history"], state["spent_s"]
-        if progress:
-            print(f"[eagle] resuming at step {step} ({spent / 60:.1f} min done)")
-    budget = Budget(minutes, spent)
-    show = Progress("eagle", budget, show=progress)
-    rms = torch.cat([s.features.float() for s in train[:64]]).pow(2).mean().sqrt().item()
-    rng = random.Random(seed + step)
-    all_batches = list(batches(train, batch_tokens))
+    def __init__(self, lm, settings: EagleSettings, data=None):
 
-    def checkpoint():
-        save_state(out, {"head": head.state_dict(), "opt": opt.state_dict(), "step": step, "history": history,
-                         "spent_s": budget.spent_s})
+        self.lm, self.s = lm, settings
+        self.dirs = as_dirs(data if data is not None else settings.data)
+        for d in self.dirs:
+            check_dataset_for(lm, d, need_features=True)
+        self.train_samples, self.held = load_split(self.dirs)
+        self.train_samples.sort(key=lambda s: len(s.ids))  # batches of like lengths pad less
+        vocab = lm.model.config.vocab_size
+        self.ranking = token_ranking(self.train_samples, vocab)
+        n = settings.train_vocab
+        vocab_ids = self.ranking[:n].sort().values if n and n < vocab else None
+        self.device = next(lm.model.parameters()).device
+        self.head = EagleHead(head_config(lm.model.config)).float().to(self.device).attach(lm.model)
+        W = lm.model.get_output_embeddings().weight.detach().float()
+        self.W = W if vocab_ids is None else W[vocab_ids.to(W.device)]
+        rms = torch.cat([s.features.float() for s in self.train_samples[:64]]).pow(2).mean().sqrt().item()
+        self.noise = settings.noise * rms
+        self._batches = list(batches_by_tokens(self.train_samples, settings.batch_tokens))
 
-    def done():
-        return budget.expired() or (max_steps is not None and step >= max_steps)
+    def settings(self) -> dict:
 
-    while not done():
-        rng.shuffle(all_batches)
-        for batch in all_batches:
-            for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 50)  # short warm-up, then constant
-            loss, parts = eagle_loss(head, W, batch, feature_weight, token_weight, noise * rms)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            step += 1
-            history["train loss"].append((step, loss.item()))
-            show(step, loss=loss.item(), **parts)
-            if step % eval_every == 0:
-                # a quarter of the held-out set: the full-vocabulary check is costly
-                history["held-out top-1"].append((step, evaluate(head, lm, held[::4])["top1"]))
-                checkpoint()
-            if done():
-                break
-    metrics = evaluate(head, lm, held)
-    history["held-out top-1"].append((step, metrics["top1"]))
-    checkpoint()
-    save_eagle(head, out, tokenizer_identity(lm), ranking, extra={"command": command})
-    plot_losses({"train loss": history["train loss"]}, out / "loss.png", "EAGLE head: training loss")
-    plot_losses({"held-out top-1": history["held-out top-1"]}, out / "heldout.png", "EAGLE head: held-out top-1")
-    report = {"steps": step, "train_minutes": round(budget.spent_s / 60, 2), "train_samples": len(train),
-              "train_tokens": sum(len(s.ids) for s in train), "heldout_samples": len(held), **metrics,
-              "data": [str(d) for d in as_dirs(data)], "command": command}
-    write_report(out, report)
-    return report
+        s = asdict(self.s)
+        s["data"] = data_identity(self.dirs)
+        return {**s, "target": tokenizer_identity(self.lm).get("vocab_hash")}
+
+    def module(self):
+        return self.head
+
+    def batches(self, epoch: int):
+        return self._batches
+
+    def loss(self, batch):
+        return eagle_loss(self.head, self.W, batch, self.s.feature_weight, self.s.token_weight, self.noise)
+
+    def evaluate(self, quick: bool) -> dict:
+        """evaluate()'s agreements (quick: a quarter of the held-out set, the full-vocabulary check is
+        costly); score: the expected tokens per target pass of a 2-token chain, 1 + top1 (1 + top1_depth2)
+        (depth 2 is measured with the true first token fed, as a chain continues only when its first
+        draft was right; the product treats the two as independent): top-1 alone
+        would ignore how well the head drafts from its own features, which EAGLE's trees depend on."""
+        m = evaluate(self.head, self.lm, self.held[::4] if quick else self.held, self.s.batch_tokens)
+        return {"score": 1 + m["top1"] * (1 + m["top1_depth2"]), **m}
+
+    def describe(self) -> dict:
+        return {"train_samples": len(self.train_samples), "train_tokens": sum(len(s.ids) for s in self.train_samples),
+                "heldout_samples": len(self.held), "data": [str(d) for d in self.dirs]}
+
+    def save(self, out: Path, report: dict) -> None:
+
+        save_eagle(self.head, out, tokenizer_identity(self.lm), self.ranking,
+                   extra={"command": report.get("command", ""), "top1": report.get("top1"),
+                          "top1_depth2": report.get("top1_depth2")})
 
 
-def batches(samples, batch_tokens: int):
-    """Consecutive samples packed until their padded size reaches batch_tokens."""
-    batch, width = [], 0
-    for s in samples:
-        w = max(width, len(s.ids))
-        if batch and w * (len(batch) + 1) > batch_tokens:
-            yield batch
-            batch, w = [], len(s.ids)
-        batch.append(s)
-        width = w
-    if batch:
-        yield batch
-
-
-def _pad(batch):
+def _pad(batch, device=None):
     T = max(len(s.ids) for s in batch)
     H = batch[0].features.shape[-1]
     ids = torch.zeros(len(batch), T, dtype=torch.long)
@@ -147,24 +133,24 @@ def _pad(batch):
     for i, s in enumerate(batch):
         n = len(s.ids)
         ids[i, :n], feats[i, :n], valid[i, :n] = s.ids, s.features.float(), True
-    return ids, feats, valid
+    return ids.to(device), feats.to(device), valid.to(device)
 
 
 def eagle_loss(head, W, batch, feature_weight: float, token_weight: float, noise: float):
     """EAGLE's training loss on a batch; returns (loss, {part: value})."""
-    ids, feats, valid = _pad(batch)
+    ids, feats, valid = _pad(batch, W.device)
     inputs = feats[:, :-1]
     if noise > 0:
         inputs = inputs + (torch.rand_like(inputs) - 0.5) * 2 * noise
     mask = valid[:, 1:]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(W.device.type, dtype=torch.bfloat16):
         pred = head(ids[:, 1:], inputs, attention_mask=mask.long()).hidden.float()
     target = feats[:, 1:]
     m = mask.float()
     f_loss = (F.smooth_l1_loss(pred, target, reduction="none").mean(-1) * m).sum() / m.sum()
     with torch.no_grad():
         p = torch.softmax(target @ W.T, -1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(W.device.type, dtype=torch.bfloat16):
         logq = torch.log_softmax((pred @ W.T).float(), -1)
     t_loss = (-(p * logq).sum(-1) * m).sum() / m.sum()
     loss = feature_weight * f_loss + token_weight * t_loss
@@ -179,12 +165,13 @@ def evaluate(head, lm, held, batch_tokens: int = 4096) -> dict:
     later (depth 2, how it drafts a chain's second token)."""
     Wfull = lm.model.get_output_embeddings().weight.float()
     hits1 = hits2 = n1 = n2 = 0
-    for batch in batches(held, batch_tokens):
-        ids, feats, valid = _pad(batch)
+    for batch in batches_by_tokens(held, batch_tokens):
+        ids, feats, valid = _pad(batch, Wfull.device)
         # position j predicts token j+2; count the predictions of answer tokens only
-        answer = torch.arange(valid.shape[1] - 1)[None] >= torch.tensor([s.prompt_len - 2 for s in batch])[:, None]
+        answer = (torch.arange(valid.shape[1] - 1)[None] >= torch.tensor([s.prompt_len - 2 for s in batch])[:, None]
+                  ).to(valid.device)
         mask = valid[:, 1:] & answer
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(Wfull.device.type, dtype=torch.bfloat16):
             pred = head(ids[:, 1:], feats[:, :-1], attention_mask=valid[:, 1:].long()).hidden.float()
         truth = (feats[:, 1:] @ Wfull.T).argmax(-1)
         guess = (pred @ Wfull.T).argmax(-1)
@@ -192,7 +179,7 @@ def evaluate(head, lm, held, batch_tokens: int = 4096) -> dict:
         n1 += mask.sum().item()
         # depth 2: position j+1 reads the head's own prediction of feature_{j+1}
         mask2 = mask[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(Wfull.device.type, dtype=torch.bfloat16):
             pred2 = head(ids[:, 2:], pred[:, :-1], attention_mask=valid[:, 2:].long()).hidden.float()
         guess2 = (pred2 @ Wfull.T).argmax(-1)
         hits2 += ((guess2 == truth[:, 1:]) & mask2).sum().item()

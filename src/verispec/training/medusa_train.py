@@ -29,7 +29,8 @@ Defaults, from 2-minute runs on 11 chunks of the smollm2-135m-instruct dataset: 
 same time and better held-out top-1; ~94% of answer tokens; the drafting cost is one V' x
 hidden product per head, ~1 ms per head at 8192 on one core), per-head projections (shared:
 -10% top-1), lr 1e-3, no distillation term (it halves the step rate without gaining top-1).
-The held-out chunk is evaluated every --eval-every minutes; the heads of the evaluation with the
+Training runs on the shared skeleton (trainer.py: budget, schedule, resume, report). The
+held-out chunk is evaluated every --eval-every minutes; the heads of the evaluation with the
 best held-out top-1 (decay-weighted over heads) are saved, unless --last; so the held-out
 chunk also picks the checkpoint. On the 15-chunk smollm2 dataset held-out top-1 levels off
 after ~5 epochs while training loss keeps falling (the data, not the budget, is the limit).
@@ -37,14 +38,17 @@ after ~5 epochs while training loss keeps falling (the data, not the budget, is 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import token_ranking
+from ..heads.medusa import MedusaHeads, save_medusa
+from ..models import load_model, tokenizer_identity
+from .common import as_dirs, command_line, ensure_data, load_split
+from .data import check_dataset_for, token_ranking
+from .trainer import TrainConfig, data_identity, train
 
 IGNORE = -100
 EVAL_RANKS = 10  # rank accuracies kept per head (they shape the drafter's default tree)
@@ -57,6 +61,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shared-lm-head", action="store_true",
                    help="all heads share the target's (frozen) projection; only the blocks train")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay over the budget)")
+    p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--batch-tokens", type=int, default=1024, help="positions per optimizer step")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of the loss against the target's full distribution (0: its tokens only)")
@@ -66,8 +71,22 @@ def add_arguments(p) -> None:
                    help="matrix-product precision (master weights stay float32)")
     p.add_argument("--eval-every", type=float, default=2.0, help="minutes between held-out evaluations")
     p.add_argument("--last", action="store_true",
-                   help="save the heads as they end, not those with the lowest held-out loss of the evaluations")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps in all (0: the budget decides)")
+                   help="save the heads as they end, not those of the evaluation with the best held-out top-1")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=0,
+                   help="stop after this many optimizer steps in all (0: the budget decides)")
+
+
+@dataclass
+class MedusaSettings:
+    heads: int = 3
+    layers: int = 1
+    vocab: int = 4096  # the draft vocabulary V' (0: the whole vocabulary)
+    shared_lm_head: bool = False
+    batch_tokens: int = 1024  # positions per step
+    distill: float = 0.0
+    decay: float = 0.8
+    dtype: str = "bfloat16"  # the matrix products' precision (master weights float32)
+    data: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- data
@@ -202,167 +221,107 @@ class _autocast:
         return self.ctx.__exit__(*exc) if self.ctx else False
 
 
-def learning_rate(peak: float, step: int, fraction: float, warmup: int = 50) -> float:
-    """Linear warm-up, then cosine decay to 10% over the budget's fraction spent."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction))))
+# ---------------------------------------------------------------- the task and the command
 
+class MedusaTask:
+    """Medusa-1 heads on the skeleton: batches of training positions (a fresh permutation per epoch),
+    the decay-weighted head losses, and the decay-weighted held-out top-1 as the score."""
 
-# ---------------------------------------------------------------- the command
+    name = "medusa"
+    score_name = "top-1 (decay-weighted over heads)"
 
-HPARAMS = ("heads", "layers", "vocab", "shared_lm_head", "lr", "batch_tokens", "distill", "decay", "weight_decay",
-           "dtype", "seed")
+    def __init__(self, lm, settings: MedusaSettings, data=None, target_name: str = "", seed: int = 0):
+
+        s = self.s = settings
+        if s.heads < 1 or s.layers < 0 or s.batch_tokens < 1 or not 0 <= s.distill <= 1:
+            raise ValueError("need --heads >= 1, --layers >= 0, --batch-tokens >= 1 and 0 <= --distill <= 1")
+        if s.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {s.dtype!r}")
+        self.dirs = as_dirs(data if data is not None else s.data)
+        for d in self.dirs:
+            check_dataset_for(lm, d, need_features=True)
+        self.target_name, self.seed, self.ident = str(target_name), seed, tokenizer_identity(lm)
+        hidden, vocab = int(lm.model.config.hidden_size), int(lm.model.config.vocab_size)
+        self.hidden, self.vocab = hidden, vocab
+        lm_head = lm.model.get_output_embeddings().weight.detach().float().cpu()  # [vocab, hidden]
+        train_samples, held_samples = load_split(self.dirs)
+        self.token_map = choose_token_map(train_samples, vocab, s.vocab)
+        self.train = position_table(train_samples, s.heads)
+        self.held = position_table(held_samples, s.heads)
+        del train_samples, held_samples
+        self.train_mapped = draft_labels(self.train.labels, self.token_map, vocab)
+        self.held_mapped = draft_labels(self.held.labels, self.token_map, vocab)
+        self.heads = MedusaHeads(hidden, vocab, s.heads, s.layers, token_map=self.token_map,
+                                 shared_lm_head=s.shared_lm_head).init_from_target(lm_head)
+        if s.shared_lm_head:
+            self.heads.lm_heads.requires_grad_(False)
+        self.teacher = None
+        if s.distill > 0:
+            self.teacher = torch.nn.Linear(hidden, len(self.token_map), bias=False)
+            self.teacher.weight.data.copy_(lm_head[self.token_map])
+            self.teacher.requires_grad_(False)
+        self.autocast_dtype = torch.bfloat16 if s.dtype == "bfloat16" else None
+        self.weights = [s.decay ** k for k in range(s.heads)]
+
+    def settings(self) -> dict:
+        s = asdict(self.s)
+        s["data"] = data_identity(self.dirs)  # the draft vocabulary comes from the training chunks
+        return {**s, "target": self.ident.get("vocab_hash")}
+
+    def module(self):
+        return self.heads
+
+    def batches(self, epoch: int):
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        return list(order.split(self.s.batch_tokens))
+
+    def loss(self, batch):
+        with _autocast(self.autocast_dtype):
+            losses = head_losses(self.heads, self.train, batch, self.train_mapped, self.teacher, self.s.distill)
+        return sum(w * l for w, l in zip(self.weights, losses)), {f"h{k + 1}": l.item() for k, l in enumerate(losses)}
+
+    def evaluate(self, quick: bool) -> dict:
+        ev = evaluate(self.heads, self.held, self.held_mapped, self.autocast_dtype)
+        return {"score": _score(ev, self.s.decay), **ev}
+
+    def describe(self) -> dict:
+        return {"model": self.target_name, "data": [str(d) for d in self.dirs], "draft_vocab": len(self.token_map),
+                "train_samples": self.train.samples, "train_tokens": self.train.tokens,
+                "train_positions": len(self.train), "held_out_samples": self.held.samples,
+                "held_out_positions": len(self.held),
+                "trainable_parameters": sum(p.numel() for p in self.heads.parameters() if p.requires_grad)}
+
+    def save(self, out: Path, report: dict) -> None:
+
+        self.heads.meta = {"vocab_hash": self.ident["vocab_hash"], "hidden_size": self.hidden,
+                           "rank_accuracy": report["rank_accuracy"], "held_out_top1": report["top1"]}
+        save_medusa(self.heads, out, target_name=self.target_name, dtype=torch.bfloat16)
 
 
 def run(args) -> int:
-    import verispec
-    from ..datastore import tokenizer_identity
-    from ..heads.medusa import MedusaHeads, save_medusa
-    from .cli import ensure_data
-    from .common import Budget, Progress, load_split, load_state, plot_losses, save_state, split_chunks, write_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.heads < 1 or args.layers < 0 or args.batch_tokens < 1 or not 0 <= args.distill <= 1:
-        raise ValueError("need --heads >= 1, --layers >= 0, --batch-tokens >= 1 and 0 <= --distill <= 1")
-    out = Path(args.out)
-    lm = verispec.load_model(args.model, dtype="auto")
-    data_dirs = ensure_data(args, lm)
-    train_chunks = [(str(d), split_chunks(d)[0]) for d in data_dirs]  # what a resumed run must train on again
-    hidden, vocab = int(lm.model.config.hidden_size), int(lm.model.config.vocab_size)
-    lm_head = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, hidden]
-
-    print(f"[medusa] loading features of {', '.join(map(str, data_dirs))} (each holds out its last chunk)", flush=True)
-    train_samples, held_samples = load_split(data_dirs)
-    hparams = {k: getattr(args, k) for k in HPARAMS}
-    state = load_state(out)
-    if state is not None:
-        if state["hparams"] != hparams or state["train_chunks"] != train_chunks:
-            changed = sorted(k for k in hparams if state["hparams"].get(k) != hparams[k])
-            raise ValueError(f"{out} holds a Medusa run with other settings ({', '.join(changed) or 'data chunks'}); "
-                             "resume with the same options or use another --out")
-        token_map = state["token_map"]
-        print(f"[medusa] resuming from step {state['step']} ({state['spent_s'] / 60:.1f} min spent)", flush=True)
-    else:
-        token_map = choose_token_map(train_samples, vocab, args.vocab)
-    train = position_table(train_samples, args.heads)
-    held = position_table(held_samples, args.heads)
-    del train_samples, held_samples
-    train_mapped = draft_labels(train.labels, token_map, vocab)
-    held_mapped = draft_labels(held.labels, token_map, vocab)
-
-    torch.manual_seed(args.seed)
-    heads = MedusaHeads(hidden, vocab, args.heads, args.layers, token_map=token_map,
-                        shared_lm_head=args.shared_lm_head).init_from_target(lm_head)
-    if args.shared_lm_head:
-        heads.lm_heads.requires_grad_(False)
-    teacher = torch.nn.Linear(hidden, len(token_map), bias=False)
-    teacher.weight.data.copy_(lm_head[token_map])
-    teacher.requires_grad_(False)
-    ident = tokenizer_identity(lm)
-    del lm
-    trainable = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
-    if state is not None:
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        step, epoch, cursor, history = state["step"], state["epoch"], state["cursor"], state["history"]
-        initial, best = state["initial"], state["best"]
-    else:
-        step, epoch, cursor = 0, 0, 0
-        history = {"train loss": [], "held-out loss": []}
-        initial = evaluate(heads, held, held_mapped, autocast_dtype)
-        print(f"[medusa] untrained heads (the target's own head): held-out top-1 {initial['top1']}", flush=True)
-        history["held-out loss"].append((0, _weighted(initial["loss"], args.decay)))
-        best = {"step": 0, "heads": None, "eval": None}  # the evaluation with the best held-out top-1 so far
-    budget = Budget(args.minutes, spent_s=state["spent_s"] if state else 0.0)
-    progress = Progress("medusa", budget)
-    print(f"[medusa] {len(train)} training positions ({train.samples} samples, {train.tokens} tokens), "
-          f"{len(held)} held out; {args.heads} heads x {args.layers} blocks, draft vocabulary {len(token_map)}, "
-          f"{sum(p.numel() for p in trainable) / 1e6:.1f}M trainable parameters", flush=True)
-
-    def checkpoint(spent_s: float | None = None) -> None:
-        save_state(out, {"hparams": hparams, "train_chunks": train_chunks, "token_map": token_map,
-                         "heads": heads.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                         "cursor": cursor, "history": history, "initial": initial, "best": best,
-                         "spent_s": budget.spent_s if spent_s is None else spent_s})
-
-    weights = torch.tensor([args.decay ** k for k in range(args.heads)])
-    heads.train()
-    last_save = last_eval = budget.spent_s
-    window: list[float] = []
-    train_start = time.perf_counter()
-    positions_seen = 0
-
-    def done() -> bool:
-        return budget.expired() or 0 < args.steps <= step
-
-    while not done():
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        while cursor < len(order) and not done():
-            batch = order[cursor:cursor + args.batch_tokens]
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(args.lr, step, max(budget.spent_s / budget.limit_s,
-                                                               step / args.steps if args.steps else 0.0))
-            with _autocast(autocast_dtype):
-                losses = head_losses(heads, train, batch, train_mapped, teacher, args.distill)
-            loss = sum(w * l for w, l in zip(weights.tolist(), losses))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step, cursor = step + 1, cursor + len(batch)
-            positions_seen += len(batch)
-            window.append(loss.item())
-            progress(step, loss=window[-1], **{f"h{k + 1}": l.item() for k, l in enumerate(losses)},
-                     epoch=epoch + cursor / len(order))
-            if budget.spent_s - last_eval >= args.eval_every * 60:
-                history["train loss"].append((step, sum(window) / len(window)))
-                window = []
-                ev = evaluate(heads, held, held_mapped, autocast_dtype)
-                history["held-out loss"].append((step, _weighted(ev["loss"], args.decay)))
-                if _score(ev, args.decay) > _score(best["eval"], args.decay):
-                    best = {"step": step, "eval": ev,
-                            "heads": {k: v.detach().clone() for k, v in heads.state_dict().items()}}
-                print(f"[medusa] step {step}: held-out top-1 {ev['top1']}", flush=True)
-                last_eval = budget.spent_s
-            if budget.spent_s - last_save >= 120:
-                checkpoint()
-                last_save = budget.spent_s
-        if cursor >= len(order):
-            epoch, cursor = epoch + 1, 0
-    if window:
-        history["train loss"].append((step, sum(window) / len(window)))
-    spent = budget.spent_s  # training time: the final evaluation and the saving below do not count
-    final = evaluate(heads, held, held_mapped, autocast_dtype)
-    if history["held-out loss"][-1][0] != step:  # (a rerun after the budget is spent evaluates again)
-        history["held-out loss"].append((step, _weighted(final["loss"], args.decay)))
-    checkpoint(spent)
-    elapsed = time.perf_counter() - train_start
-    selected_step, last = step, final
-    if not args.last and best["heads"] is not None and _score(best["eval"], args.decay) > _score(final, args.decay):
-        heads.load_state_dict(best["heads"])  # the run overfitted after its best evaluation
-        final, selected_step = best["eval"], best["step"]
-        print(f"[medusa] keeping the heads of step {selected_step} (best held-out top-1)", flush=True)
-
-    heads.meta = {"vocab_hash": ident["vocab_hash"], "hidden_size": hidden, "rank_accuracy": final["rank_accuracy"],
-                  "held_out_top1": final["top1"]}
-    save_medusa(heads, out, target_name=args.model, dtype=torch.bfloat16)
-    plot_losses(history, out / "loss.png", f"Medusa heads ({args.heads} x {args.layers} blocks) on {Path(args.model).name}")
-    report = {
-        "method": "medusa", "model": args.model, "data": [str(d) for d in data_dirs],
-        "train_chunks": train_chunks,
-        "train_samples": train.samples, "train_tokens": train.tokens, "train_positions": len(train),
-        "held_out_samples": held.samples, "held_out_positions": len(held),
-        "hyperparameters": hparams, "steps": step, "epochs": round(epoch + cursor / max(1, len(train)), 3),
-        "training_time_s": round(spent, 1), "positions_per_s_this_run": round(positions_seen / max(elapsed, 1e-9), 1),
-        "saved_step": selected_step, "held_out": final, "held_out_last_step": last, "held_out_untrained": initial,
-        "history": history,
-    }
-    write_report(out, report)
-    print(f"[medusa] {step} steps, {report['epochs']} epochs in {spent / 60:.1f} min; held-out top-1 per head "
-          f"{final['top1']} (untrained: {initial['top1']}); heads saved in {out}", flush=True)
+    lm = load_model(args.model, dtype="auto")
+    settings = MedusaSettings(heads=args.heads, layers=args.layers, vocab=args.vocab,
+                              shared_lm_head=args.shared_lm_head, batch_tokens=args.batch_tokens,
+                              distill=args.distill, decay=args.decay, dtype=args.dtype,
+                              data=[str(d) for d in ensure_data(args, lm)])
+    print(f"[medusa] loading features of {', '.join(settings.data)} (each holds out its last chunk)", flush=True)
+    torch.manual_seed(args.seed)  # the heads' initialisation
+    task = MedusaTask(lm, settings, target_name=args.model, seed=args.seed)
+    del lm  # the heads train on the stored features alone
+    config = TrainConfig(minutes=args.minutes, max_steps=args.steps or None, lr=args.lr, warmup_steps=args.warmup_steps,
+                         weight_decay=args.weight_decay, clip=0.0, eval_every=0, eval_minutes=args.eval_every,
+                         checkpoint_minutes=2.0, keep="last" if args.last else "best", seed=args.seed)
+    info = task.describe()
+    print(f"[medusa] {info['train_positions']} training positions ({info['train_samples']} samples, "
+          f"{info['train_tokens']} tokens), {info['held_out_positions']} held out; {args.heads} heads x {args.layers} "
+          f"blocks, draft vocabulary {info['draft_vocab']}, {info['trainable_parameters'] / 1e6:.1f}M trainable "
+          "parameters", flush=True)
+    report = train(task, config, Path(args.out), command=command_line())
+    kept = "" if report["best_step"] == report["steps"] else f" (the heads of step {report['best_step']}, the best)"
+    print(f"[medusa] {report['steps']} steps, {report['epochs']} epochs in {report['train_minutes']:.1f} min; held-out "
+          f"top-1 per head {report['top1']}{kept} (untrained: {report.get('before', {}).get('top1')}); heads saved in "
+          f"{args.out}", flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..bench.suites import default_question_path  # the bench's own lookup of question.jsonl
 from ..datastore import corpus_files, read_text
 
 DOC_DIR = Path("/usr/share/doc/python3.11/html")
@@ -70,7 +71,6 @@ class EvalSetGuard:
 
 
 def default_guard() -> EvalSetGuard:
-    from ..bench.suites import default_question_path  # the bench's own lookup of question.jsonl
     path = default_question_path()
     return EvalSetGuard([path] if path is not None else [])
 

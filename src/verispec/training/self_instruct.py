@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .batched import Sampler, decode_batch
 from .prompts import EvalSetGuard
 
 SENTINEL = "\u2063verispec-user-turn\u2063"
@@ -37,32 +38,34 @@ def _end_of_turn(lm: Any, text: str, ended: bool) -> str | None:
     return text.strip() if ended else None
 
 
-@torch.inference_mode()
 def self_instruct_prompts(lm: Any, n: int, seed: int = 0, guard: EvalSetGuard | None = None,
                           batch_size: int = 32, max_tokens: int = 96, temperature: float = 1.0,
-                          top_p: float = 0.95, min_words: int = 3, progress: bool = False) -> list[str]:
-    """n distinct user messages sampled from the target (deterministic for a seed on one machine)."""
+                          top_p: float = 0.95, min_words: int = 3, progress: bool = False,
+                          seen: set[str] | None = None, write=None) -> list[str]:
+    """n distinct user messages sampled from the target (deterministic for a seed on one machine).
+    seen: keys (see `key`) of messages already used elsewhere; they are not repeated.
+    write(prefix, rows, max_tokens, sampler) -> [(token ids, ended)]: how continuations are
+    sampled (default: batched decoding of lm.model; tests script it)."""
     guard = guard if guard is not None else EvalSetGuard()
-    prefix = torch.tensor([user_turn_prefix(lm)])
-    eos = set(lm.eos_token_ids)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.eos_token_ids[0]
+    prefix = user_turn_prefix(lm)
+    eos = lm.eos_token_ids
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else eos[0]
+    if write is None:
+        def write(prefix, rows, max_tokens, sampler):
+            return decode_batch(lm.model, [prefix] * rows, max_tokens, eos, pad, sampler)
     prompts: list[str] = []
-    seen: set[str] = set()
+    seen = set(seen or ())
     start = time.perf_counter()
     for attempt in range(50 * (n // batch_size + 1)):
         if len(prompts) >= n:
             break
-        torch.manual_seed(seed * 1_000_003 + attempt)
-        out = lm.model.generate(input_ids=prefix.expand(batch_size, -1), attention_mask=torch.ones_like(prefix).expand(batch_size, -1),
-                                do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=list(eos) or None)
-        for row in out[:, prefix.shape[1]:].tolist():
-            ended = any(t in eos for t in row)
-            row = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+        sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + attempt)
+        for row, ended in write(prefix, batch_size, max_tokens, sampler):
+            row = [t for t in row if t not in eos]
             text = _end_of_turn(lm, lm.tokenizer.decode(row, skip_special_tokens=True), ended)
-            if not text or len(text.split()) < min_words or text.lower() in seen or not guard.clean(text):
+            if not text or len(text.split()) < min_words or key(text) in seen or not guard.clean(text):
                 continue
-            seen.add(text.lower())
+            seen.add(key(text))
             prompts.append(text)
         if progress:
             print(f"[data] self-instruct: {min(len(prompts), n)}/{n} user turns  {time.perf_counter() - start:.0f}s",
@@ -70,3 +73,8 @@ def self_instruct_prompts(lm: Any, n: int, seed: int = 0, guard: EvalSetGuard | 
     if len(prompts) < n:
         raise ValueError(f"the model wrote only {len(prompts)} usable distinct user messages of the {n} asked")
     return prompts[:n]
+
+
+def key(text: str) -> str:
+    """Messages that differ only in case and spacing are one message."""
+    return " ".join(text.lower().split())

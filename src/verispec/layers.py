@@ -1,0 +1,69 @@
+"""A model's decoder layers and a view of it that skips some of them, sharing the target's
+weights: the model code under the layer-skip drafter (verispec.drafters.layer_skip) and its
+calibration (verispec.calibrate), both of which import it."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+__all__ = ["check_skip", "decoder_layers", "skip_layers_view"]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers; layer-skip needs a decoder-only Hugging Face "
+                         "model (Llama, Gemma-3, ...)")
+    return layers
+
+
+def check_skip(skip, total: int) -> list[int]:
+    """Sorted, distinct layer indices in [0, total) that leave at least one layer."""
+    try:
+        layers = sorted({int(i) for i in skip})
+    except (TypeError, ValueError):
+        raise ValueError(f"skip must be a list of layer indices or a calibration file, got {skip!r}") from None
+    if any(not 0 <= i < total for i in layers) or len(layers) >= total:
+        raise ValueError(f"skip must name layers in [0, {total}) and keep at least one of the {total} layers, "
+                         f"got {list(skip)}")
+    return layers
+
+
+def skip_layers_view(model: torch.nn.Module, skip: list[int]) -> torch.nn.Module:
+    """A model of the same class that runs only the layers not in `skip`, sharing the target's
+    parameters and buffers (no copy). Built on the meta device, then every tensor is bound to
+    the target's own tensor, so nothing of the target is modified."""
+    total = len(decoder_layers(model))
+    kept = [i for i in range(total) if i not in set(check_skip(skip, total))]
+    config = copy.deepcopy(model.config)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.num_hidden_layers = len(kept)
+    with torch.device("meta"):
+        view = type(model)(config)
+    source_params = dict(model.named_parameters(remove_duplicate=False))
+    source_buffers = dict(model.named_buffers(remove_duplicate=False))
+    for names, source, slot in ((view.named_parameters(remove_duplicate=False), source_params, "_parameters"),
+                                (view.named_buffers(remove_duplicate=False), source_buffers, "_buffers")):
+        for name, _ in list(names):
+            source_name = _target_name(name, kept)
+            if source_name not in source:
+                raise ValueError(f"layer-skip cannot map {name} of {type(model).__name__} onto the target's weights")
+            owner_path, _, attr = name.rpartition(".")
+            getattr(view.get_submodule(owner_path), slot)[attr] = source[source_name]
+    leftover = [n for n, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"layer-skip left tensors unbound in {type(model).__name__}: {', '.join(leftover[:5])}")
+    view.eval()
+    view.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
+    return view
+
+
+def _target_name(name: str, kept: list[int]) -> str:
+    """model.layers.<j>.x of the view -> model.layers.<kept[j]>.x of the target; others unchanged."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        parts[2] = str(kept[int(parts[2])])
+    return ".".join(parts)
