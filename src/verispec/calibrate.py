@@ -285,6 +285,9 @@ def calibrate_layer_skip(lm: Any, prompts: Sequence[str | list[int]] | None = No
         _tick(bar, started, best)
     # iterated local search: hill-climb from the best set with one-layer moves; once its
     # neighbourhood is seen through, restart from a few random moves away from the best
+    if best is None:  # the budget ran out before a single set was scored: score the first one anyway
+        best_skip = sorted(order[:1])
+        best = score(best_skip)
     current_skip, current, stale = best_skip, best, 0
     while not out_of_budget():
         kick = stale >= 100

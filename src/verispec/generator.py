@@ -25,15 +25,16 @@ def methods() -> list[str]:
 def choose_method(lm: Any) -> tuple[str, dict, str]:
     """What "auto" runs for this model: (method, options, why).
 
-    A trained EAGLE-3 head for the model (the user's, or one shipped with verispec) drafts in
-    one tree with prompt-lookup continuations (`hybrid`): the head predicts new text, the
-    lookup copies from the context (summaries, translations, retrieved passages), and the
-    merge keeps the nodes worth their pass cost. Without a head, prompt lookup: the fastest
-    training-free drafter measured (README, Results), nothing to train or download."""
-    for path in drafter_dirs(lm, "eagle3"):
-        if (path / "config.json").exists():
-            return "hybrid", {"drafter": str(path)}, f"EAGLE-3 head {path} merged with prompt lookup"
-    return "prompt-lookup", {}, "no trained EAGLE-3 head for this model: prompt lookup (training-free)"
+    A trained EAGLE head for the model (EAGLE-3 first, else EAGLE-1; the user's, or one shipped
+    with verispec) drafts in one tree with prompt-lookup continuations (`hybrid`): the head
+    predicts new text, the lookup copies from the context (summaries, translations, retrieved
+    passages), and the merge keeps the nodes worth their pass cost. Without a head, prompt
+    lookup: the fastest training-free drafter measured (README, Results)."""
+    for kind, version in (("eagle3", 3), ("eagle", 1)):
+        for path in drafter_dirs(lm, kind):
+            if (path / "config.json").exists():
+                return "hybrid", {"drafter": str(path)}, f"EAGLE-{version} head {path} merged with prompt lookup"
+    return "prompt-lookup", {}, "no trained EAGLE head for this model: prompt lookup (training-free)"
 
 
 @dataclass

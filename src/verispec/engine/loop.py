@@ -48,7 +48,7 @@ def speculative_decode(
             stop_at = next((i + 1 for i, t in enumerate(new) if t in stop_ids), None)
             new, kinds = new[:stop_at], kinds[:stop_at]
             with timer.phase("draft"):
-                drafter.observe(tree, logits, verdict, new, _committed_features(target, drafter, len(pending), verdict))
+                drafter.observe(tree, logits, verdict, new, _committed_features(target, drafter, len(pending), verdict, new))
             pending = []
             stats.record_step(max(tree.depths), tree.num_drafted, min(len(verdict.accepted), len(new)), len(new))
             tokens += new
@@ -60,9 +60,12 @@ def speculative_decode(
     return result
 
 
-def _committed_features(target: CachedLM, drafter: Drafter, n_pending: int, verdict: Verdict) -> torch.Tensor | None:
-    """The target's features of the pending context, the root and the accepted path."""
+def _committed_features(target: CachedLM, drafter: Drafter, n_pending: int, verdict: Verdict,
+                        new: list[int]) -> torch.Tensor | None:
+    """The target's features of the pending context, the root and the accepted path, up to the
+    newest committed token (exclusive: its features come with the next pass); a stop token
+    inside the accepted path ends it there."""
     if not getattr(drafter, "needs_features", False):
         return None
-    rows = [*range(n_pending), *(n_pending + i for i in [0, *verdict.accepted])]
+    rows = [*range(n_pending), *(n_pending + i for i in [0, *verdict.accepted[:len(new) - 1]])]
     return target.features[rows]
