@@ -51,6 +51,24 @@ def tiny_draft() -> TinyLM:
     return tiny_llama(layers=1, seed=1)
 
 
+@torch.inference_mode()
+def exact_next_two(model, prompt: list[int], sampling) -> torch.Tensor:
+    """The target's exact joint distribution [V, V] of the 2nd and 3rd tokens after `prompt`
+    (the 1st marginalised out), for a small vocabulary: what the distribution tests compare with."""
+    from verispec.engine.sampling import probabilities
+
+    V = model.config.vocab_size
+    p1 = probabilities(model(torch.tensor([prompt])).logits[0, -1], sampling)
+    exact = torch.zeros(V, V)
+    for a in range(V):
+        ctx = torch.tensor([prompt + [a]])
+        p2 = probabilities(model(ctx).logits[0, -1], sampling)
+        batch = torch.cat([ctx.expand(V, -1), torch.arange(V)[:, None]], 1)
+        p3 = probabilities(model(batch).logits[:, -1], sampling)
+        exact += p1[a] * p2[:, None] * p3
+    return exact
+
+
 def hf_greedy(lm, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
     """The reference: transformers' own greedy generate, new tokens only."""
     ids = torch.tensor([prompt])

@@ -9,12 +9,11 @@ from safetensors.torch import load_file
 
 from verispec import SamplingConfig, SpeculativeGenerator
 from verispec.datastore import tokenizer_identity
-from verispec.engine.sampling import probabilities
 from verispec.heads.eagle import EagleHead, head_config, load_eagle, save_eagle
 from verispec.training.data import write_dataset
 from verispec.training.eagle_train import EagleSettings, EagleTask, evaluate
 from verispec.training.trainer import TrainConfig, train
-from conftest import check_typical_acceptance, hf_greedy, tiny_llama
+from conftest import check_typical_acceptance, exact_next_two, hf_greedy, tiny_llama
 from stat_power import ALPHA, draws_for_power, pooled_chisquare, slipped_pair
 
 TREES = [dict(tree="dynamic", depth=4, top_k=3, budget=10), dict(tree="chain", k=4),
@@ -173,15 +172,7 @@ def test_sampling_matches_target_distribution(tmp_path, options):
     path = fresh_head_dir(target, tmp_path / "head", seed=1)
     prompt = [1, 2, 3]
     sampling = SamplingConfig(temperature=1.0)
-    with torch.inference_mode():
-        p1 = probabilities(target.model(torch.tensor([prompt])).logits[0, -1], sampling)
-        exact = torch.zeros(4, 4)
-        for a in range(4):
-            ctx = torch.tensor([prompt + [a]])
-            p2 = probabilities(target.model(ctx).logits[0, -1], sampling)
-            batch = torch.cat([ctx.expand(4, -1), torch.arange(4)[:, None]], 1)
-            p3 = probabilities(target.model(batch).logits[:, -1], sampling)
-            exact += p1[a] * p2[:, None] * p3
+    exact = exact_next_two(target.model, prompt, sampling)
     gen = SpeculativeGenerator(target, "eagle", drafter=str(path), draft_vocab=0, **options)
     counts = torch.zeros(4, 4)
     drafted = 0
