@@ -33,6 +33,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from ..compat import cache_append, cache_length
+from .eagle import head_config as one_layer_config
 from ..models import tokenizer_identity
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -46,20 +47,14 @@ def default_layer_ids(num_layers: int) -> list[int]:
 
 def head_config(target_config, draft_vocab_size: int, layer_ids: list[int] | None = None) -> LlamaConfig:
     """A one-layer Llama config with the target's widths, rope and vocabulary."""
-    t = target_config
-    layer_ids = list(layer_ids) if layer_ids is not None else default_layer_ids(t.num_hidden_layers)
-    check_layer_ids(layer_ids, t.num_hidden_layers)
-    return LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=1, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=getattr(t, "num_key_value_heads", t.num_attention_heads),
-        head_dim=getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
-        hidden_act=getattr(t, "hidden_act", "silu"), max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=getattr(t, "rms_norm_eps", 1e-6), rope_parameters=getattr(t, "rope_parameters", None),
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        architectures=[ARCHITECTURE], draft_vocab_size=int(draft_vocab_size), target_hidden_size=t.hidden_size,
-        eagle_config={"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": layer_ids},
-    )
+    layer_ids = list(layer_ids) if layer_ids is not None else default_layer_ids(target_config.num_hidden_layers)
+    check_layer_ids(layer_ids, target_config.num_hidden_layers)
+    config = one_layer_config(target_config)  # the same widths, rope and vocabulary as EAGLE-1's
+    config.architectures = [ARCHITECTURE]
+    config.draft_vocab_size = int(draft_vocab_size)
+    config.target_hidden_size = target_config.hidden_size
+    config.eagle_config = {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": layer_ids}
+    return config
 
 
 def check_layer_ids(layer_ids, num_layers: int) -> None:
