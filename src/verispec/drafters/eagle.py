@@ -50,12 +50,12 @@ class EagleDrafter(Drafter):
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
         path = Path(drafter) if drafter else default_head(target, version)
-        if is_eagle3_dir(path):
+        self.version = 3 if is_eagle3_dir(path) else 1
+        if self.version == 3:
             self.head = load_eagle3(path, target)
             self.needs_features = tuple(self.head.layer_ids)  # the target's fused layers, not its last state
         else:
             self.head = load_eagle(path, target.model, tokenizer_identity(target), draft_vocab or None)
-        self.version = 3 if is_eagle3_dir(path) else 1
         self.lm = CachedLM(self.head)
         self.dynamic = tree == "dynamic"
         chain = [[0] * d for d in range(1, int(k) + 1)]

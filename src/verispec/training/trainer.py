@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -250,8 +250,3 @@ def _check_settings(out: Path, old: dict | None, new: dict) -> None:
     if diff:
         raise ValueError(f"{out} holds a checkpoint trained with other settings ({', '.join(diff)}); rerun with "
                          "the same settings to resume, or use another --out")
-
-
-def chunked(items: Iterable[Any], size: int) -> list[list[Any]]:
-    items = list(items)
-    return [items[i:i + size] for i in range(0, len(items), size)]
