@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .layers import decoder_layers, skip_layers_view
+from .layers import decoder_layers, keep_last, skip_layers_view
 from .models import load_model, verispec_home
 from .progress import progress as progress_bar
 from .progress import say
@@ -169,7 +169,7 @@ def teacher_forced(model: torch.nn.Module, data: list[CalibrationSequence]) -> l
     for seq in data:
         n_new = len(seq.ids) - seq.n_prompt
         with torch.inference_mode():
-            logits = model(input_ids=seq.ids[None, :-1].to(device), logits_to_keep=n_new).logits[0].float()
+            logits = model(input_ids=seq.ids[None, :-1].to(device), logits_to_keep=keep_last(n_new, len(seq.ids) - 1, device)).logits[0].float()
         probs = torch.softmax(logits, -1)
         conf, guess = probs.max(-1)
         result.append(((guess.cpu() == seq.ids[seq.n_prompt:]).tolist(), conf.cpu().tolist()))
@@ -227,7 +227,7 @@ def block_influence(model: torch.nn.Module, data: list[CalibrationSequence]) -> 
     totals, count = None, 0
     for seq in data:
         with torch.inference_mode():
-            hidden = model(input_ids=seq.ids[None].to(device), output_hidden_states=True, logits_to_keep=1).hidden_states
+            hidden = model(input_ids=seq.ids[None].to(device), output_hidden_states=True, logits_to_keep=keep_last(1, len(seq.ids), device)).hidden_states
         # hidden[i] is layer i's input; the last entry is after the final norm, so compare
         # consecutive raw states only (the last layer's output is approximated by the normed state)
         sims = [torch.nn.functional.cosine_similarity(hidden[i][0].float(), hidden[i + 1][0].float(), dim=-1).sum()

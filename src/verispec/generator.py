@@ -1,6 +1,7 @@
 """SpeculativeGenerator: the public entry point that ties a target, a drafter and a rule."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,14 +80,17 @@ class SpeculativeGenerator:
     def generate(
         self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int | None = None, chat: bool = False, stop_token_ids: list[int] | None = None,
+        on_step: Callable[[list[int]], bool | None] | None = None,
     ) -> GenerationOutput:
+        """`on_step(new_token_ids)` is called after each verification step with the tokens it
+        committed (for streaming); return False from it to stop early."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompt_ids = self._encode(prompt, chat)
         self._check_lengths(prompt_ids, max_new_tokens)
         stop_ids = set(self._eos_ids() if stop_token_ids is None else stop_token_ids)
         result = speculative_decode(
             self.target, self.drafter, choose_rule(sampling, self.rule_name, **self.rule_options), prompt_ids, max_new_tokens,
-            sampling, self._rng(sampling), stop_ids,
+            sampling, self._rng(sampling), stop_ids, on_step,
         )
         return GenerationOutput(result.tokens, self._decode(result.tokens), result.stats, result.kinds, prompt_ids)
 

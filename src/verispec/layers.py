@@ -67,3 +67,29 @@ def _target_name(name: str, kept: list[int]) -> str:
     if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
         parts[2] = str(kept[int(parts[2])])
     return ".".join(parts)
+
+
+def keep_last(n: int | torch.Tensor, total: int, device=None) -> torch.Tensor | int:
+    """What to pass as `logits_to_keep` (or to index hidden states with) to keep the last n of
+    `total` positions, as an index tensor rather than the int transformers also accepts.
+
+    Why: transformers keeps the last n rows as the slice hidden[:, -n:], a view whose batch
+    stride still spans all `total` rows. torch's matmul only folds a 3D input into one 2D mm
+    when its leading strides are contiguous, or when a weight requires grad; so on a model
+    loaded with requires_grad_(False) the LM head (and any linear after the slice) falls back
+    to bmm over an expanded weight, measured ~7x slower in bfloat16 on AVX-512 CPUs (a draft's
+    catch-up pass, a prompt pass). Indexing with a tensor copies the n rows into a fresh,
+    contiguous tensor, so the mm path is taken whatever the weights' flags.
+    (tests/test_slow_paths.py checks the dispatch; scripts/bench_slow_paths.py times it.)"""
+    if isinstance(n, torch.Tensor):  # already an index
+        return n
+    if n <= 0 or n >= total:
+        return 0 if n >= total else n  # all rows: no slice; 0 keeps all in transformers too
+    return torch.arange(total - n, total, device=device)
+
+
+def last_rows(hidden: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """hidden[:, -n:] as a fresh contiguous tensor (see keep_last for why not the slice); n may
+    be keep_last's index already (a head called through the target's forward gets that)."""
+    index = keep_last(n, hidden.shape[1], hidden.device)
+    return hidden if isinstance(index, int) else hidden.index_select(1, index.to(hidden.device))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +18,17 @@ class LoopResult:
     tokens: list[int]  # new tokens only
     kinds: list[str]  # per new token: "accepted", "recovered", "bonus" or "target"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    stopped_early: bool = False  # on_step asked to stop before max_new_tokens or a stop token
 
 
 def speculative_decode(
     target: CachedLM, drafter: Drafter, rule: Rule, prompt: list[int], max_new_tokens: int,
     sampling: SamplingConfig, rng: torch.Generator | None, stop_ids: set[int],
+    on_step: Callable[[list[int]], bool | None] | None = None,
 ) -> LoopResult:
+    """Decode up to max_new_tokens. `on_step`, if given, gets each step's committed tokens as
+    soon as they are verified (streaming); returning False stops the generation there (a
+    client that went away), with what was committed so far as the result."""
     result = LoopResult([], [])
     stats, timer = result.stats, PhaseTimer(result.stats, target.device)
     start = time.perf_counter()
@@ -54,6 +60,9 @@ def speculative_decode(
             tokens += new
             result.tokens += new
             result.kinds += kinds
+            if on_step is not None and on_step(new) is False and stop_at is None:
+                result.stopped_early = True
+                break
             if stop_at is not None:
                 break
     stats.wall_time_s = time.perf_counter() - start

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from ..compat import cache_kwargs, new_cache
-from ..layers import decoder_layers
+from ..layers import decoder_layers, keep_last
 from .cache import cache_length, crop_to, keep_positions
 from .tree import TokenTree, depths_of, shared_ancestor_matrix
 
@@ -108,7 +108,7 @@ class CachedLM:
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids.to(self.device)[None], **cache_kwargs(self.model, self.cache),
-                use_cache=True, logits_to_keep=logits_to_keep, **extra,
+                use_cache=True, logits_to_keep=keep_last(logits_to_keep, len(ids), self.device), **extra,
             )
         self.last_output = out  # a draft head's other outputs (EAGLE: the predicted features)
         return out.logits[0]

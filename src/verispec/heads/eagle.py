@@ -29,6 +29,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from ..compat import cache_kwargs
+from ..layers import last_rows
 
 ARCHITECTURE = "EagleLlamaForCausalLM"
 WEIGHTS = "model.safetensors"
@@ -91,8 +92,7 @@ class EagleHead(nn.Module):
         x = self.fc(torch.cat([embed(input_ids).to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], -1))
         hidden = self.model(inputs_embeds=x, **cache_kwargs(self.model, cache), use_cache=use_cache,
                             position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+        hidden = last_rows(hidden, logits_to_keep)  # 0 keeps every row
         return HeadOutput(self.logits(hidden), hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from ..compat import cache_append, cache_length
+from ..layers import last_rows
 from .eagle import head_config as one_layer_config
 from ..models import tokenizer_identity
 
@@ -187,8 +188,7 @@ class Eagle3Head(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)[None, None]
         out = layer.finish(hidden, layer.self_attn.attend(q, k, v, attention_mask.to(q.device)))
-        if logits_to_keep:
-            out = out[:, -logits_to_keep:]
+        out = last_rows(out, logits_to_keep)  # 0 keeps every row
         return HeadOutput(self.full_logits(self.draft_logits(out)), out)
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from ..compat import cache_kwargs, new_cache, select_cache_rows
+from ..layers import keep_last
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_token
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **cache_kwargs(model, cache),
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, logits_to_keep=keep_last(1, step_ids.shape[1], device)).logits[:, -1]
         nxt = sampler.draw(logits, g) if sampler else logits.argmax(-1)
         done = torch.isin(nxt, eos)
         for r, t, d in zip(rows.tolist(), nxt.tolist(), done.tolist()):  # one sync per step, not per row
