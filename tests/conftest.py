@@ -41,6 +41,26 @@ def tiny_llama(vocab: int = 96, layers: int = 2, hidden: int = 64, seed: int = 0
     return TinyLM(model)
 
 
+def tiny_qwen2(vocab: int = 96, layers: int = 2, hidden: int = 64, seed: int = 0) -> TinyLM:
+    """A tiny Qwen2 (biased q/k/v projections, its own rotary setup): the realistic target's
+    architecture, for the tree-attention and identity checks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+    )
+    model = Qwen2ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # sharp logits, as in tiny_llama
+        for layer in model.model.layers:  # non-zero biases, so the test sees them applied
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return TinyLM(model, name="tiny-qwen2")
+
+
 @pytest.fixture(scope="session")
 def tiny() -> TinyLM:
     return tiny_llama()

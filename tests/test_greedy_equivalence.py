@@ -104,3 +104,30 @@ def test_tree_of_target_itself_accepts_full_depth(tiny):
     out = gen.generate(PROMPTS[0], max_new_tokens=20)
     assert out.token_ids == hf_greedy(tiny, PROMPTS[0], 20)
     assert out.stats.accept_lengths[:4] == [4, 4, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def qwen_pair():
+    from conftest import tiny_qwen2
+
+    return tiny_qwen2(), tiny_qwen2(layers=1, seed=1)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("prompt-lookup", {"k": 6}),
+    ("prompt-lookup", {"k": 6, "tree_width": 3}),
+    ("draft-model", {"k": 4}),
+    ("draft-model", {"k": "auto"}),
+    ("draft-model", {"tree": [[0], [1], [0, 0], [0, 1], [1, 0]]}),
+    ("draft-model", {"tree": "dynamic", "depth": 4, "top_k": 3, "budget": 12}),
+    ("recycling", {}),
+    ("lookahead", {}),
+])
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_methods_keep_greedy_output_on_qwen2(qwen_pair, method, options, prompt):
+    """The realistic target's architecture (Qwen2) through chains, static and dynamic trees."""
+    target, draft = qwen_pair
+    if method == "draft-model":
+        options = {**options, "draft": draft}
+    out = SpeculativeGenerator(target, method=method, **options).generate(prompt, max_new_tokens=40)
+    assert out.token_ids == hf_greedy(target, prompt, 40)

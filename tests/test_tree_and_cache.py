@@ -166,3 +166,28 @@ def test_pending_context_goes_through_with_the_tree(tiny, chain):
         torch.testing.assert_close(logits[node], fresh_logits(tiny, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
     lm.commit([0, 1])
     assert lm.cached_len == len(context) + 1
+
+
+@pytest.mark.parametrize("pending", [False, True])
+def test_qwen2_tree_pass_matches_plain_pass_per_node(pending):
+    """Qwen2 (the realistic target's architecture) through the 4D-mask path: every node's
+    logits equal a plain pass over its path, with and without an uncached prompt in the pass."""
+    from conftest import tiny_qwen2
+
+    qwen = tiny_qwen2()
+    lm = CachedLM(qwen.model)
+    context = [3, 14, 15, 92, 65, 35]
+    tree = TokenTree((context[-1], 11, 12, 13, 14, 15, 16), (-1, 0, 0, 1, 1, 2, 5))
+    if pending:
+        lm.extend(context[:2])
+        logits = lm.forward_tree(tree, pending=context[2:-1])
+    else:
+        lm.extend(context[:-1])
+        logits = lm.forward_tree(tree)
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        torch.testing.assert_close(logits[node], fresh_logits(qwen, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
+    lm.commit([0, 1, 3])
+    tokens = context + [11, 13, 40]
+    after = lm.forward_tree(TokenTree.chain(tokens[-1], [41, 42]))
+    torch.testing.assert_close(after, fresh_logits(qwen, tokens + [41, 42])[-3:], atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ import verispec
 from . import calibrate, datastore, trace
 from .bench import cli as bench_cli
 from .models import fetch, list_models
+from .serve import cli as serve_cli
 from .training import cli as training_cli
 
 
@@ -154,6 +155,10 @@ def _train_parser(sub) -> None:
     training_cli.add_parser(sub)
 
 
+def _serve_parser(sub) -> None:
+    serve_cli.add_parser(sub, parse_options)  # the same --option KEY=VALUE syntax as generate
+
+
 def _calibrate_parser(sub) -> None:
     calibrate.add_parser(sub)
 
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _datastore_parser(sub)
     _calibrate_parser(sub)
     _train_parser(sub)
+    _serve_parser(sub)
     sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
     return parser
 

