@@ -131,3 +131,15 @@ def test_methods_keep_greedy_output_on_qwen2(qwen_pair, method, options, prompt)
         options = {**options, "draft": draft}
     out = SpeculativeGenerator(target, method=method, **options).generate(prompt, max_new_tokens=40)
     assert out.token_ids == hf_greedy(target, prompt, 40)
+
+
+def test_on_step_streams_every_committed_token_and_can_stop(tiny):
+    prompt = PROMPTS[1]
+    gen = SpeculativeGenerator(tiny, method="prompt-lookup", k=4)
+    steps: list[list[int]] = []
+    out = gen.generate(prompt, max_new_tokens=30, on_step=steps.append)
+    assert [t for s in steps for t in s] == out.token_ids == hf_greedy(tiny, prompt, 30)
+    assert len(steps) == out.stats.target_passes
+    seen: list[int] = []
+    stopped = gen.generate(prompt, max_new_tokens=30, on_step=lambda new: seen.extend(new) or len(seen) < 5)
+    assert stopped.token_ids == seen == out.token_ids[:len(seen)] and 5 <= len(seen) < 30

@@ -176,7 +176,8 @@ def _describe(cycles: list[list[Edge]]) -> str:
 
 # --------------------------------------------------------------------------- layers
 
-TOP = ("verispec", "verispec.cli", "verispec.serve", "verispec.bench", "verispec.training")  # `verispec` itself
+TOP = ("verispec", "verispec.cli", "verispec.serve", "verispec.bench", "verispec.training",
+       "verispec.export")  # `verispec` itself
 # is the facade over the generator (its __init__ imports generator, drafters, models)
 GENERATOR = ("verispec.generator",)
 DRAFTING = ("verispec.drafters", "verispec.acceptance")

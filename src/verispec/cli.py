@@ -9,7 +9,7 @@ from typing import Any
 
 import verispec
 
-from . import calibrate, datastore, trace
+from . import calibrate, datastore, export, trace
 from .bench import cli as bench_cli
 from .models import fetch, list_models
 from .serve import cli as serve_cli
@@ -163,6 +163,10 @@ def _calibrate_parser(sub) -> None:
     calibrate.add_parser(sub)
 
 
+def _export_parser(sub) -> None:
+    export.add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding for Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _calibrate_parser(sub)
     _train_parser(sub)
     _serve_parser(sub)
+    _export_parser(sub)
     sub.add_parser("methods", help="list method names").set_defaults(func=lambda a: print("\n".join(verispec.methods())) or 0)
     return parser
 

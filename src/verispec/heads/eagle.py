@@ -39,7 +39,8 @@ DRAFT_VOCAB = "draft_vocab.safetensors"  # verispec's own: token ids by training
 def head_config(target_config) -> LlamaConfig:
     """A one-layer Llama config with the target's widths (its attention shape, rope, vocab)."""
     t = target_config
-    return LlamaConfig(
+    rope = getattr(t, "rope_parameters", None)
+    config = LlamaConfig(
         vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=1, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=getattr(t, "num_key_value_heads", t.num_attention_heads),
@@ -49,6 +50,10 @@ def head_config(target_config) -> LlamaConfig:
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
         architectures=[ARCHITECTURE],
     )
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        # serving engines on transformers 4 read the flat field; without it they assume 10000
+        config.rope_theta = rope["rope_theta"]
+    return config
 
 
 @dataclass

@@ -55,6 +55,9 @@ def head_config(target_config, draft_vocab_size: int, layer_ids: list[int] | Non
     config.draft_vocab_size = int(draft_vocab_size)
     config.target_hidden_size = target_config.hidden_size
     config.eagle_config = {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": layer_ids}
+    # vLLM's model runner reads the layer ids from the top level only (else it silently taps
+    # its default layers), SGLang and speculators from eagle_config: both
+    config.eagle_aux_hidden_state_layer_ids = layer_ids
     return config
 
 
