@@ -168,7 +168,7 @@ def test_models_and_health(server, client):
     assert (status, payload) == (200, {"status": "ok"})
 
 
-def test_completion_streamed_and_not_equal_ar(server, client, smol, ar):
+def test_completion_streamed_and_whole_equal_ar(server, client, smol, ar):
     whole = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0)
     chunks = list(client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0, stream=True))
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -183,7 +183,7 @@ def test_completion_streamed_and_not_equal_ar(server, client, smol, ar):
     assert usage.model_extra["mean_accepted_tokens"] > 1.0  # counting: prompt lookup drafts right
 
 
-def test_chat_streamed_and_not_equal_ar(server, client, ar):
+def test_chat_streamed_and_whole_equal_ar(server, client, ar):
     messages = [{"role": "user", "content": HAIKU}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
@@ -447,3 +447,12 @@ def test_metrics_page_is_prometheus_text(server):
     assert values[("verispec_mean_accepted_tokens", frozenset({"method": "prompt-lookup"}.items()))] >= 1.0
     assert values[("verispec_tokens_per_second", frozenset({"method": "prompt-lookup"}.items()))] > 0
     assert values[("verispec_generated_tokens_total", frozenset({"method": "prompt-lookup"}.items()))] > 0
+
+
+def test_default_method_auto_says_what_it_runs_and_equals_ar(smol, ar):
+    """A server started as a user would (method auto): smollm2 has a shipped EAGLE head, so
+    auto is the hybrid; the text is still exactly ar's and usage names the method."""
+    with ServerThread(create_app(smol)) as default:
+        whole = default.client().completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0)
+    assert whole.choices[0].text == ar.generate(COUNTING, max_new_tokens=16).text
+    assert whole.usage.model_extra["method"] == SpeculativeGenerator(smol).method

@@ -23,9 +23,9 @@ What vLLM reads, per kind (from vLLM's source; the tests write the same name set
   exactly), t2d (skipped). The target layers whose states the head reads are taken by
   vLLM's model runner (vllm/v1/worker/gpu_model_runner.py,
   _get_eagle3_aux_layers_from_config) from a *top-level* eagle_aux_hidden_state_layer_ids;
-  verispec keeps them inside eagle_config, where that code does not look (it would fall
-  back to the target's default layers (2, L/2, L-3)), so the export writes them at the top
-  level too.
+  heads saved before heads/eagle3.head_config wrote that field kept them only inside
+  eagle_config, where that code does not look (it would fall back to the target's default
+  layers (2, L/2, L-3)), so the export writes the top-level field whatever the source has.
 - EAGLE-1 (vllm/model_executor/models/llama_eagle.py, EagleLlamaForCausalLM): the same Llama
   fields; weights fc.weight [hidden, 2*hidden] and layers.<i>.* of Llama decoder layers
   (layer 0 without input_layernorm); no lm_head and no embeddings (the target's are
