@@ -55,6 +55,14 @@ def qwen_cases(max_new: int):
     return cases
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_the_pair():
+    """The pair takes ~8 GB in float32: free it when this file is done, not at the run's end."""
+    yield
+    qwen_cases.cache_clear()
+    qwen_pair.cache_clear()
+
+
 def check_greedy(method: str, max_new: int, **options) -> float:
     """Every case equals generate()'s greedy output; returns mean accepted tokens per pass."""
     target, draft = qwen_pair()
