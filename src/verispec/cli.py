@@ -132,9 +132,11 @@ def _models_parser(sub) -> None:
 
 
 def cmd_models_list(args) -> int:
-    for m in list_models():
+    rows = list_models()
+    width = max(len(m["name"]) for m in rows)
+    for m in rows:
         state = f"fetched: {m['path']}" if m["fetched"] else "not fetched"
-        print(f"{m['name']:<24} {m['description']}  [{state}]")
+        print(f"{m['name']:<{width}}  {m['description']}  [{state}]")
     return 0
 
 
