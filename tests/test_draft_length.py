@@ -48,6 +48,11 @@ def test_auto_length_keeps_greedy_output(tiny, request, draft_name, prompt):
     assert out.token_ids == hf_greedy(tiny, prompt, 48)
 
 
+def test_auto_length_never_exceeds_k_max(tiny):
+    out = SpeculativeGenerator(tiny, method="draft-model", draft=tiny, k="auto", k_max=2).generate(PROMPTS[0], max_new_tokens=30)
+    assert max(out.stats.accept_lengths) <= 3 and out.token_ids == hf_greedy(tiny, PROMPTS[0], 30)
+
+
 def test_bad_k_is_refused(tiny, tiny_draft):
     with pytest.raises(ValueError, match="'auto'"):
         SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, k="long")

@@ -42,9 +42,11 @@ class DraftModel(Drafter):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
-        self.adaptive = AdaptiveLength(k_max=int(k_max)) if k == "auto" else None
         if k == "auto":
-            k = min(4, int(k_max))
+            k = min(4, int(k_max))  # the first steps' length, until the passes are timed
+            self.adaptive = AdaptiveLength(k_start=k, k_max=int(k_max))
+        else:
+            self.adaptive = None
         if isinstance(k, str) or k < 1 or depth < 1 or top_k < 1 or budget < 1 or int(k_max) < 1:
             raise ValueError(f"draft-model needs k (an integer or 'auto'), depth, top_k, budget, k_max >= 1 "
                              f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
