@@ -150,16 +150,7 @@ def test_saved_layout_is_vllms_eagle3_format(target, tmp_path):
     assert config["eagle_config"] == {"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": LAYERS}
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]  # nothing beside them
     state = load_file(str(path / "model.safetensors"))
-    H, I, V = 64, 128, 96
-    kv = 2 * 16  # two kv heads of 16
-    expected = {"fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (48, H), "d2t": (48,), "t2d": (V,),
-                "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
-                "midlayer.post_attention_layernorm.weight": (H,),
-                "midlayer.self_attn.q_proj.weight": (H, 2 * H), "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
-                "midlayer.self_attn.v_proj.weight": (kv, 2 * H), "midlayer.self_attn.o_proj.weight": (H, H),
-                "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
-                "midlayer.mlp.down_proj.weight": (H, I)}
-    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert {k: tuple(v.shape) for k, v in state.items()} == eagle3_tensor_shapes(H=64, I=128, kv=2 * 16, draft=48, V=96)
     d2t, t2d = state["d2t"], state["t2d"]
     assert d2t.dtype == torch.int64 and t2d.dtype == torch.bool and t2d.sum() == 48
     assert ((torch.arange(48) + d2t) == t2d.nonzero()[:, 0]).all()  # target id = draft id + d2t[draft id]
@@ -226,3 +217,15 @@ def test_resuming_with_other_settings_is_refused(tiny_data, tmp_path):
     again = Eagle3Task(lm, Eagle3Settings(layer_ids=LAYERS, draft_vocab=96, ttt_steps=2, batch_tokens=512), data=data)
     report = train(again, TrainConfig(max_steps=4, eval_every=1000, warmup_steps=1), tmp_path / "out", show=False)
     assert report["steps"] == 4  # resumed at step 2, not restarted
+
+
+def eagle3_tensor_shapes(H: int, I: int, kv: int, draft: int, V: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a saved EAGLE-3 head (vLLM's LlamaForCausalLMEagle3 layout) and their shapes:
+    hidden H, intermediate I, kv width kv, draft vocabulary `draft`, target vocabulary V."""
+    return {"fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (draft, H), "d2t": (draft,), "t2d": (V,),
+            "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
+            "midlayer.post_attention_layernorm.weight": (H,),
+            "midlayer.self_attn.q_proj.weight": (H, 2 * H), "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
+            "midlayer.self_attn.v_proj.weight": (kv, 2 * H), "midlayer.self_attn.o_proj.weight": (H, H),
+            "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
+            "midlayer.mlp.down_proj.weight": (H, I)}

@@ -24,6 +24,7 @@ from verispec.heads.eagle3 import Eagle3Head, head_config as eagle3_config, load
 from verispec.heads.medusa import MedusaHeads, load_medusa, save_medusa
 from verispec.models import tokenizer_identity
 from conftest import tiny_llama
+from test_eagle3 import eagle3_tensor_shapes
 
 LAYERS = [0, 1, 2]
 PROMPTS = ([5, 6, 7, 8], [1, 90, 33, 2, 2, 14, 60])
@@ -192,15 +193,7 @@ def test_eagle3_export_is_vllms_layout_and_drafts_the_same(target3, tmp_path):
     # the trainer writes them where vLLM looks too (heads/eagle3.head_config), so the source loads as well
     assert aux_layers_as_vllm_reads_them(json.loads((src / "config.json").read_text())) == tuple(LAYERS)
     check_rope(config)
-    H, I, kv = 64, 128, 2 * 16
-    assert tensor_shapes(out / "model.safetensors") == {
-        "fc.weight": (H, 3 * H), "norm.weight": (H,), "lm_head.weight": (48, H), "d2t": (48,), "t2d": (96,),
-        "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
-        "midlayer.post_attention_layernorm.weight": (H,),
-        "midlayer.self_attn.q_proj.weight": (H, 2 * H), "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
-        "midlayer.self_attn.v_proj.weight": (kv, 2 * H), "midlayer.self_attn.o_proj.weight": (H, H),
-        "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
-        "midlayer.mlp.down_proj.weight": (H, I)}
+    assert tensor_shapes(out / "model.safetensors") == eagle3_tensor_shapes(H=64, I=128, kv=2 * 16, draft=48, V=96)
     assert set(tensor_shapes(out / "model.safetensors")) == vllm_eagle3_names()
     assert digest(out / "model.safetensors") == digest(src / "model.safetensors")
     # round trip: verispec reads the export and drafts exactly as from the source

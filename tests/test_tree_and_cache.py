@@ -87,6 +87,18 @@ def test_chain_commit_equals_fresh_prefill(tiny, n_accept):
     torch.testing.assert_close(logits[-1], fresh_logits(tiny, tokens)[-1], atol=1e-4, rtol=1e-4)
 
 
+def check_tree_then_commit(lm_holder, cache: CachedLM, context, tree, logits, accepted, own, follow):
+    """Every node's logits equal a plain pass over its path; after committing `accepted` plus the
+    step's own token, a chain of `follow` tokens on top equals a plain pass too."""
+    for node in range(len(tree)):
+        path = [tree.tokens[i] for i in tree.path_to(node)]
+        torch.testing.assert_close(logits[node], fresh_logits(lm_holder, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
+    cache.commit([0, *accepted])
+    tokens = context + [tree.tokens[i] for i in accepted] + [own]
+    after = cache.forward_tree(TokenTree.chain(tokens[-1], follow))
+    torch.testing.assert_close(after, fresh_logits(lm_holder, tokens + follow)[-len(follow) - 1:], atol=1e-4, rtol=1e-4)
+
+
 def tiny_gemma3(sliding_window: int = 4):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -108,14 +120,7 @@ def test_gemma3_tree_pass_and_commit_respect_the_sliding_window(context_len):
     context = [(7 * i + 3) % 64 for i in range(context_len)]
     tree = TokenTree((context[-1], 11, 12, 13, 14, 15), (-1, 0, 0, 1, 1, 4))
     lm.extend(context[:-1])
-    logits = lm.forward_tree(tree)
-    for node in range(len(tree)):
-        path = [tree.tokens[i] for i in tree.path_to(node)]
-        torch.testing.assert_close(logits[node], fresh_logits(LM, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
-    lm.commit([0, 1, 4])
-    tokens = context + [11, 14, 30]
-    after = lm.forward_tree(TokenTree.chain(tokens[-1], [31, 32]))
-    torch.testing.assert_close(after, fresh_logits(LM, tokens + [31, 32])[-3:], atol=1e-4, rtol=1e-4)
+    check_tree_then_commit(LM, lm, context, tree, lm.forward_tree(tree), accepted=[1, 4], own=30, follow=[31, 32])
 
 
 def test_unchecked_architecture_refuses_trees():
@@ -184,10 +189,4 @@ def test_qwen2_tree_pass_matches_plain_pass_per_node(pending):
     else:
         lm.extend(context[:-1])
         logits = lm.forward_tree(tree)
-    for node in range(len(tree)):
-        path = [tree.tokens[i] for i in tree.path_to(node)]
-        torch.testing.assert_close(logits[node], fresh_logits(qwen, context[:-1] + path)[-1], atol=1e-4, rtol=1e-4)
-    lm.commit([0, 1, 3])
-    tokens = context + [11, 13, 40]
-    after = lm.forward_tree(TokenTree.chain(tokens[-1], [41, 42]))
-    torch.testing.assert_close(after, fresh_logits(qwen, tokens + [41, 42])[-3:], atol=1e-4, rtol=1e-4)
+    check_tree_then_commit(qwen, lm, context, tree, logits, accepted=[1, 3], own=40, follow=[41, 42])
