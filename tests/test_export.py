@@ -241,7 +241,7 @@ def test_eagle1_export_drops_the_draft_vocabulary_file(tiny, tmp_path):
 # ---------------------------------------------------------------- Medusa
 
 @pytest.mark.parametrize("draft_vocab,shared", [(20, False), (None, False), (20, True)])
-def test_medusa_export_is_its_checkpoint_without_the_reports(tiny, tmp_path, draft_vocab, shared):
+def test_medusa_export_loads_as_vllm_reads_it(tiny, tmp_path, draft_vocab, shared):
     src = medusa_dir(tiny, tmp_path / "src", draft_vocab, shared)
     out = export_for_vllm(src, tmp_path / "out")
     assert files(out) == ["config.json", "model.safetensors"]
@@ -249,11 +249,32 @@ def test_medusa_export_is_its_checkpoint_without_the_reports(tiny, tmp_path, dra
     # vllm/transformers_utils/configs/medusa.py (MedusaConfig) and medusa.py read these
     assert config["architectures"] == [VLLM_ARCHITECTURES["medusa"]] and config["model_type"] == "medusa"
     assert (config["hidden_size"], config["vocab_size"], config["num_heads"], config["num_hidden_layers"]) == (64, 96, 3, 2)
-    assert config["truncated_vocab_size"] == (draft_vocab or 96)
+    # vLLM 0.32 loads no truncated Medusa: every head is written over the whole vocabulary
+    assert config["truncated_vocab_size"] == 96
     assert config["medusa_fc_bias"] is True and config["original_lm_head"] is shared
-    assert set(tensor_shapes(out / "model.safetensors")) == vllm_medusa_names(3, 2, draft_vocab is not None, shared)
+    shapes = tensor_shapes(out / "model.safetensors")
+    assert set(shapes) == vllm_medusa_names(3, 2, False, shared)
+    assert all(shapes[n] == (96, 64) for n in shapes if n.startswith("lm_heads."))
     a, b = load_medusa(src), load_medusa(out)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.blocks.state_dict().values(), b.blocks.state_dict().values()))
+    if draft_vocab is None:
+        assert digest(out / "model.safetensors") == digest(src / "model.safetensors")
+        return
+    # what vLLM drafts (each head's argmax over the full rows) is what the truncated heads draft
+    # (argmax over the map, mapped back), except where that is the filler token itself
+    token_map = a.token_map
+    filler = int(token_map.max())
+    hidden = torch.randn(2000, 64)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        full = {n: f.get_tensor(n).float() for n in f.keys() if n.startswith("lm_heads.")}
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        rows = {n: f.get_tensor(n).float() for n in f.keys() if n.startswith("lm_heads.")}
+    for name in rows:
+        assert torch.equal(full[name][token_map], rows[name])
+        truncated = token_map[(hidden @ rows[name].T).argmax(-1)]
+        drafted = (hidden @ full[name].T).argmax(-1)
+        assert torch.equal(drafted[truncated != filler], truncated[truncated != filler])
+        assert (truncated != filler).float().mean() > 0.8
 
 
 # ---------------------------------------------------------------- draft models
@@ -293,8 +314,9 @@ def test_shipped_heads_export(src, tmp_path):
     out = result.out
     assert {p.name: digest(p) for p in src.iterdir()} == before  # the package data is untouched
     assert files(out) == ["config.json", "model.safetensors"]
-    assert digest(out / "model.safetensors") == digest(src / "model.safetensors")
     config = json.loads((out / "config.json").read_text())
+    if result.kind != "medusa":  # (Medusa's truncated heads are widened, tested above)
+        assert digest(out / "model.safetensors") == digest(src / "model.safetensors")
     names = set(tensor_shapes(out / "model.safetensors"))
     assert config["architectures"] == [VLLM_ARCHITECTURES[result.kind]]
     if result.kind == "eagle1":
@@ -308,9 +330,9 @@ def test_shipped_heads_export(src, tmp_path):
         check_rope(config)
     else:
         assert result.kind == "medusa"
-        assert config == json.loads((src / "config.json").read_text())
-        assert names == vllm_medusa_names(config["num_heads"], config["num_hidden_layers"],
-                                          config["truncated_vocab_size"] < config["vocab_size"],
+        source = json.loads((src / "config.json").read_text())
+        assert config == {**source, "truncated_vocab_size": source["vocab_size"]}
+        assert names == vllm_medusa_names(config["num_heads"], config["num_hidden_layers"], False,
                                           config["original_lm_head"])
 
 

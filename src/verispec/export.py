@@ -39,9 +39,14 @@ What vLLM reads, per kind (from vLLM's source; the tests write the same name set
   token lies outside the ranking; verification stays exact either way. config.json states
   draft_vocab_size = vocab_size.
 - Medusa (vllm/model_executor/models/medusa.py, Medusa; vllm/transformers_utils/configs/medusa.py,
-  MedusaConfig): verispec's trainer already writes this layout (see heads/medusa.py);
-  config.json and model.safetensors are copied unchanged (blocks.<h>.layers.<l>.{weight,bias},
-  lm_heads.<h>.weight, token_map when truncated_vocab_size < vocab_size).
+  MedusaConfig): verispec's trainer writes these names (blocks.<h>.layers.<l>.{weight,bias},
+  lm_heads.<h>.weight, token_map when truncated_vocab_size < vocab_size, see heads/medusa.py),
+  and heads over the whole vocabulary are copied unchanged. A truncated draft vocabulary does
+  not load in vLLM 0.32 (checked by starting it): Medusa.load_weights slices each lm_head to
+  token_map and then the vocabulary-parallel loader asserts the *full* vocabulary size. So
+  truncated heads are written over the whole vocabulary with truncated_vocab_size =
+  vocab_size and no token_map; the rows of tokens outside the map copy one mapped row, which
+  keeps each head's argmax (see _full_vocab_medusa for the one exception).
 - Draft model (vllm/model_executor/models/llama.py and qwen2.py, the *ForCausalLM the config
   names): a plain Hugging Face model; weights merged into one model.safetensors (vLLM reads
   shards too, but one file is what it is sure to take whole); names checked for Llama and
@@ -332,12 +337,45 @@ def _eagle1(src: Path, out: Path, config: dict) -> Exported:
 def _medusa(src: Path, out: Path, config: dict) -> Exported:
     names, _ = _tensor_names(src / WEIGHTS)
     _check_names("medusa", config, names, src / WEIGHTS)
-    shutil.copyfile(src / CONFIG, out / CONFIG)  # already vLLM's MedusaConfig
-    shutil.copyfile(src / WEIGHTS, out / WEIGHTS)
     vocab, draft = int(config["vocab_size"]), int(config.get("truncated_vocab_size") or config["vocab_size"])
-    notes = [f"{config['num_heads']} heads; draft vocabulary {draft} of {vocab} tokens"
-             + (" (token_map)" if draft < vocab else "")]
+    notes = [f"{config['num_heads']} heads"]
+    if draft == vocab:
+        shutil.copyfile(src / CONFIG, out / CONFIG)  # already vLLM's MedusaConfig
+        shutil.copyfile(src / WEIGHTS, out / WEIGHTS)
+    else:
+        _write_config(out, {**config, "truncated_vocab_size": vocab})
+        save_file(_full_vocab_medusa(src / WEIGHTS, vocab), str(out / WEIGHTS))
+        notes.append(f"draft vocabulary of {draft} tokens written over all {vocab}: vLLM 0.32 cannot load a "
+                     "truncated Medusa (medusa.py slices lm_heads to token_map, then its loader asserts the full "
+                     "vocabulary), so each head gets a row per token; a token outside token_map gets a copy of "
+                     f"the row of the largest id inside it ({int(token_map_max(src / WEIGHTS))}), which keeps each "
+                     "head's argmax, the token vLLM drafts, except when that id is the head's best")
     return Exported("medusa", out, [CONFIG, WEIGHTS], [], notes, {"num_speculative_tokens": int(config["num_heads"])})
+
+
+def token_map_max(weights: Path) -> int:
+    with safe_open(str(weights), framework="pt") as f:
+        return int(f.get_tensor("token_map").max())
+
+
+def _full_vocab_medusa(weights: Path, vocab: int) -> dict[str, torch.Tensor]:
+    """Medusa tensors with lm_heads over the whole vocabulary and no token_map.
+
+    Each token outside the map gets a copy of the row of one mapped token f, so it scores what
+    f scores: a head's argmax (the token vLLM drafts; both take the first maximum) is then its
+    argmax over the map, except when that is f itself and an unmapped id below f ties first.
+    f is the largest mapped id: BPE gives the largest ids to its rarest merges, so f is the
+    mapped token least likely to be a head's best. Verification is exact whatever is drafted."""
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    token_map = tensors.pop("token_map").long()
+    filler = int(token_map.argmax())
+    for name in [n for n in tensors if n.startswith("lm_heads.")]:
+        rows = tensors[name]
+        full = rows[filler].expand(vocab, -1).clone()
+        full[token_map] = rows
+        tensors[name] = full.contiguous()
+    return tensors
 
 
 def _draft_model(src: Path, out: Path, config: dict) -> Exported:

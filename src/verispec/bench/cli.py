@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .peers import PEERS
+from .vllm_peer import VLLM_PEERS
 from .report import build_report
 from .runner import DEFAULT_METHODS, BenchConfig, run_bench
 
@@ -23,14 +24,14 @@ Rerunning a command resumes it: questions already in a method's answer file are 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="benchmark methods and peers on Spec-Bench; `bench report DIR` rebuilds a report",
-        description="Run methods and Hugging Face peers side by side on a question suite, interleaved per "
+        description="Run methods and peers (transformers, vLLM) side by side on a question suite, interleaved per "
                     "question, and write Spec-Bench answer files, report.md and charts into --out.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local Hugging Face directory")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated verispec methods and peers ({', '.join(PEERS)}); ar is always run "
-                        "(the baseline)")
+                   help=f"comma-separated verispec methods and peers ({', '.join(PEERS)}; vLLM: {', '.join(VLLM_PEERS)}, "
+                        "after scripts/setup_vllm.sh); ar is always run (the baseline)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an option of one method, repeatable (e.g. prompt-lookup.k=5)")
     p.add_argument("--suite", default="spec-bench", choices=["spec-bench"])
@@ -49,7 +50,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method before timing")
     p.add_argument("--draft", metavar="M",
-                   help="draft model for draft-model and hf-assisted: zoo name, HF directory, or layers:I,J,... "
+                   help="draft model for draft-model, hf-assisted and vllm-draft-model: zoo name, HF directory, or layers:I,J,... "
                         "(a subset of the target's layers)")
     p.add_argument("--universal-draft", metavar="M", help="draft with another tokenizer for hf-universal "
                                                           "(default: --draft)")

@@ -258,7 +258,32 @@ def summarize(answers: dict[str, list[dict]], baseline: str = "ar", greedy: bool
         per_task[OVERALL] = group_metrics(records, base, greedy) if records else None
         methods[method] = per_task
     return {"baseline": baseline if base is not None else None, "greedy": greedy, "tasks": tasks,
-            "methods": methods}
+            "methods": methods, "own_engine": own_engine(answers, greedy)}
+
+
+# each engine's plain decoding: the fair baseline for that engine's own speculation
+ENGINE_BASELINES = {"verispec": "ar", "hf": "hf-greedy", "vllm": "vllm-ar"}
+
+
+def engine_of(records: list[dict]) -> str:
+    return ((records[0].get("verispec") or {}).get("kind") or "verispec") if records else "verispec"
+
+
+def own_engine(answers: dict[str, list[dict]], greedy: bool = True) -> dict[str, Any]:
+    """Per method (all tasks): speedup over and identity with its own engine's plain decoding
+    (verispec's ar, hf-greedy, vllm-ar), where that baseline ran; engines differ in overheads,
+    so this is how each engine's speculation is judged on its own terms."""
+    result: dict[str, Any] = {}
+    for method, records in answers.items():
+        engine = engine_of(records)
+        base = ENGINE_BASELINES.get(engine)
+        if not records or base is None or not answers.get(base):
+            continue
+        entry = {"engine": engine, "baseline": base, "tokens_per_s": _mean([question_speed(r) for r in records]),
+                 "mean_accepted_tokens": mean_accepted_tokens(records), **speedup(records, answers[base])}
+        entry["lossless"] = losslessness(records, answers[base]) if greedy else None
+        result[method] = entry
+    return result
 
 
 def spread(values: list[float] | None) -> tuple[float, float, float] | None:

@@ -110,12 +110,13 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
 
     parts += ["## Mean accepted tokens per target pass", "",
               "New tokens per target (verification) pass; 1.00 for plain decoding. For the `hf-*` peers it is "
-              "measured from the outside (target forward passes and the tokens each emitted); n/a where that "
-              "could not be measured.", ""]
+              "measured from the outside (target forward passes and the tokens each emitted); for the `vllm-*` "
+              "peers it comes from vLLM's own per-request spec-decode metrics; n/a where it could not be measured.", ""]
     rows = [[f"`{m}`"] + [_fmt((per.get(t) or {}).get("mean_accepted_tokens")) for t in columns]
             for m, per in methods.items()]
     parts += [_table(["Method"] + titles + ["Overall"], rows), ""]
 
+    parts += _own_engine_section(summary)
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
     parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"))
@@ -205,8 +206,28 @@ def _time_section(methods: dict, baseline: str | None = None) -> list[str]:
                      "one verification pass (vs ar's one-token pass)"], rows), ""]
     if footnote:
         lines += ["\\* includes the phases that method does not expose (n/a): for `hf-*` peers only the target's "
-                  "(and an assistant model's) forward passes are timed, with forward hooks.", ""]
+                  "(and an assistant model's) forward passes are timed, with forward hooks; `vllm-*` peers "
+                  "expose none.", ""]
     return lines
+
+
+def _own_engine_section(summary: dict) -> list[str]:
+    """Each method against its own engine's plain decoding; shown when another engine ran."""
+    own = summary.get("own_engine") or {}
+    if all(e["engine"] == "verispec" for e in own.values()):
+        return []
+    rows = []
+    for m, e in own.items():
+        loss = e.get("lossless")
+        same = f"{loss['identical']}/{loss['compared']}" if loss else "n/a"
+        rows.append([f"`{m}`", e["engine"], f"`{e['baseline']}`", _fmt(e["tokens_per_s"], "{:.1f}"),
+                     _speedup_cell(e), _fmt(e["mean_accepted_tokens"]), same])
+    return ["## Speedup over each engine's own plain decoding", "",
+            "Engines differ in per-pass overheads, so each one's speculation is also measured against its own "
+            "plain decoding in this run (verispec: `ar`, transformers: `hf-greedy`, vLLM: `vllm-ar`); tokens/s "
+            "are absolute (all tasks). *Identical* counts questions whose tokens equal that baseline's.", "",
+            _table(["Method", "engine", "baseline", "tokens/s", "speedup over baseline", "mean accepted tokens",
+                    "identical to baseline"], rows), ""]
 
 
 def _failures_section(out: Path) -> list[str]:

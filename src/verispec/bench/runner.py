@@ -33,6 +33,7 @@ from ..version import __version__
 from . import suites
 from .layout import BASELINE, FAILURES_FILE, RUN_FILE, answer_path, append_answer, read_answers, trace_path
 from .peers import PEERS, HFPeer, is_peer
+from .vllm_peer import VLLM_PEERS, VLLMPeer, is_vllm_peer
 from .report import build_report
 
 DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
@@ -134,9 +135,11 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
         return HFPeer(base, lm, draft=chosen, **options)
+    if is_vllm_peer(base):
+        return VLLMPeer(base, lm, draft=draft, **options)
     if base not in verispec_methods():
         raise ValueError(f"unknown method {base!r}; verispec methods: {', '.join(verispec_methods())}; "
-                         f"peers: {', '.join(PEERS)} (NAME@LABEL runs a variant of NAME)")
+                         f"peers: {', '.join(PEERS + VLLM_PEERS)} (NAME@LABEL runs a variant of NAME)")
     options = dict(options)
     chosen = universal_draft if base == "universal" and universal_draft is not None else draft
     if takes_draft(base) and "draft" not in options and chosen is not None:
@@ -239,6 +242,7 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
         needed = [m for m in config.methods if any(q.question_id not in done[m] for q in pending)]
         first_of_task = _first_of_each_task(selected)
         units = sum(config.repeats for q in pending for m in config.methods if q.question_id not in done[m])
+        _start_engines(runners, needed, progress)
         try:
             _warm_up(runners, needed, pending[0], formatter, config, progress)
             with _bar(progress, units) as bar:
@@ -305,6 +309,20 @@ def _converse(q, runner, formatter, config, max_new_tokens: int | None = None, t
         results.append((out, wall, answer))
         messages.append({"role": "assistant", "content": answer})
     return results
+
+
+def _start_engines(runners, methods, progress) -> None:
+    """Peers that run another engine start it now, so no timed question pays for its start-up.
+    One that cannot start fails each of its questions with the reason (in failures.jsonl)."""
+    for m in methods:
+        start = getattr(runners[m], "start", None)
+        if start is None:
+            continue
+        _say(progress, f"starting {m}")
+        try:
+            start()
+        except Exception as e:
+            _say(True, f"{m} did not start ({str(e).splitlines()[0]}); its questions are recorded as failures")
 
 
 def _warm_up(runners, methods, question, formatter, config, progress) -> None:
@@ -394,6 +412,8 @@ def _record(q, method: str, runner, repeats: list[list[tuple]], config: BenchCon
         "temperature": config.temperature,
         "max_new_tokens": config.max_new_tokens,
     }
+    if hasattr(runner, "describe"):  # another engine: its version and settings
+        details["engine"] = runner.describe()
     return {
         "question_id": q.question_id,
         "category": q.category,
