@@ -101,3 +101,77 @@ def test_a_peer_that_cannot_start_says_why(environment, smol):
     peer = VLLMPeer("vllm-ar", smol, max_model_len=10 ** 9, enforce_eager=True, startup_timeout_s=300)
     with pytest.raises(RuntimeError, match="(?s)vllm-ar: vLLM did not start: .*max_model_len"):
         peer.generate([1, 2, 3], 4)
+
+
+# ---------------------------------------------------------------- the README's "Scale out" commands
+
+def test_readme_scale_out_commands(environment, bench, smol, tmp_path):
+    """README, "Scale out": export the shipped head with the CLI, serve it with `vllm serve`
+    exactly as written there (float32 here, as the bench above), ask over the OpenAI API; the
+    answer is vLLM's plain-decoding answer and vLLM's /metrics counts accepted drafts."""
+    import re
+    import shlex
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from openai import OpenAI
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Scale out", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
+    export_cmd = next(c for c in commands if " export --to vllm " in c)
+    serve_cmd = next(c for c in commands if "vllm.entrypoints.openai.api_server" in c)
+    export_args = shlex.split(export_cmd.split("#")[0])
+    out = tmp_path / "head"
+    export_args[-1] = str(out)  # the README writes under the current directory
+    printed = subprocess.run([sys.executable, "-m", "verispec.cli", *export_args[1:]], check=True, capture_output=True,
+                             text=True, cwd=Path(__file__).parents[1]).stdout
+    spec = json.loads(re.search(r"--speculative-config '(.*)'", printed).group(1))
+    assert spec == {"method": "eagle", "model": str(out), "num_speculative_tokens": spec["num_speculative_tokens"]}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = shlex.split(serve_cmd.split("#")[0])
+    assert args[0].endswith("/vllm-env/bin/python") and args[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    model = args.index("--model") + 1
+    assert args[model].endswith("/models/smollm2-135m-instruct")
+    args[0], args[model] = str(environment), smol.model.config._name_or_path  # wherever they are here
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--speculative-config") + 1] = json.dumps({**json.loads(args[args.index("--speculative-config") + 1]),
+                                                               "model": str(out)})
+    args += ["--dtype", "float32"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1")
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "vllm.log", "w"), env=env)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not come up in 600 s"
+                time.sleep(2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTIONS[0]["turns"][0]}],
+                                               temperature=0, max_tokens=TOKENS, extra_body={"return_token_ids": True})
+        _, _, records = bench
+        plain = next(r for r in records["vllm-ar"] if r["question_id"] == 1)
+        assert reply.choices[0].token_ids == plain["verispec"]["token_ids"][0][:len(reply.choices[0].token_ids)]
+        assert len(reply.choices[0].token_ids) >= len(plain["verispec"]["token_ids"][0]) - 1  # (a stop token may be left out)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        accepted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("vllm:spec_decode_num_accepted_tokens_total"))
+        assert accepted > 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
