@@ -7,8 +7,10 @@ the two row by row, in execution order, and the first op whose rows differ is ma
 
 On CPU (AVX2, torch 2.x) the first difference is in the attention core: the SDPA flash kernel
 runs its two products (Q.K^T and P.V) through MKL's ``cblas_gemm_bf16bf16f32`` with N = number
-of query rows, and MKL's fp32 result for a column depends on N. All nn.Linear layers (ATen's
-own bf16 gemm) are row-invariant. ``--isolate`` shows each of these facts on its own.
+of query rows, and MKL's fp32 result for a column depends on N (and, with a mask, the extra
+masked keys can change it too). nn.Linear (ATen's own bf16 gemm, no MKL) is row-invariant for
+the contiguous inputs HF passes it; an fp32 matmul (MKL sgemm) is not. ``--isolate`` shows
+each of these facts on its own.
 
 ``--fix`` monkeypatches (in this process only) a candidate remedy; ``--sweep`` checks whether
 verify logits are then bit-identical to decode logits for several n and context lengths, and
@@ -160,15 +162,13 @@ def linear_pad8(self, x):
     return F.linear(_pad_rows(x2, m), self.weight, self.bias)[: x2.shape[0]].view(*x.shape[:-1], -1)
 
 
-_FP32_W: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-
 def linear_fp32(self, x):
     """fp32 matmul (MKL sgemm) on fp32 copies of the weights, rounded to bf16 once."""
-    w, b = _FP32_W.setdefault(id(self), (self.weight.float().t().contiguous(),
-                                          None if self.bias is None else self.bias.float()))
-    y = x.float() @ w
-    return (y if b is None else y + b).to(x.dtype)
+    if getattr(self, "_w32", None) is None:
+        self._w32 = self.weight.float().t().contiguous()
+        self._b32 = None if self.bias is None else self.bias.float()
+    y = x.float() @ self._w32
+    return (y if self._b32 is None else y + self._b32).to(x.dtype)
 
 
 def rowwise_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
@@ -270,6 +270,7 @@ def _mkl_bf16_gemm():
 
 
 def isolate(model, ms=(2, 3, 4, 8, 12), trials=10) -> None:
+    torch.manual_seed(0)  # nn.Linear init below
     g = torch.Generator().manual_seed(0)
     shapes = sorted({(m.in_features, m.out_features, m.bias is not None)
                      for m in model.modules() if isinstance(m, nn.Linear)})

@@ -175,3 +175,43 @@ def test_readme_scale_out_commands(environment, bench, smol, tmp_path):
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# ---------------------------------------------------------------- the other kinds verispec exports
+
+def test_an_eagle3_head_and_a_draft_model_load_in_vllm_as_exported(environment, bench, smol, tmp_path):
+    """No EAGLE-3 head is shipped yet, so one of verispec's own (untrained: random weights, the
+    default layer ids) and a draft model (4 of the target's layers, as `verispec train
+    draft-model` starts from), each exported, loaded and run by vLLM: same tokens as vllm-ar."""
+    import torch
+
+    import verispec
+    from verispec.draft_init import layer_subset
+    from verispec.export import export
+    from verispec.heads.eagle3 import Eagle3Head, head_config, save_eagle3
+    from verispec.models import tokenizer_identity
+
+    torch.manual_seed(0)
+    head = Eagle3Head(head_config(smol.model.config, 8192))
+    head.set_draft_vocab(torch.arange(8192))
+    save_eagle3(head, tmp_path / "eagle3", tokenizer_identity(smol))
+    subset = layer_subset(smol, [0, 1, 2, 3])
+    subset.model.save_pretrained(tmp_path / "draft")
+    smol.tokenizer.save_pretrained(tmp_path / "draft")
+    export(tmp_path / "draft", tmp_path / "draft-vllm")
+    draft = verispec.load_model(str(tmp_path / "draft-vllm"), dtype="float32")
+
+    from verispec.chat import ChatFormatter
+
+    _, _, records = bench
+    plain = next(r for r in records["vllm-ar"] if r["question_id"] == 1)["verispec"]["token_ids"][0]
+    prompt = ChatFormatter(smol).encode([{"role": "user", "content": QUESTIONS[0]["turns"][0]}])  # as the bench's
+    for name, peer in (("eagle3", VLLMPeer("vllm-eagle", smol, head=str(tmp_path / "eagle3"), enforce_eager=True)),
+                       ("draft-model", VLLMPeer("vllm-draft-model", smol, draft=draft, enforce_eager=True))):
+        try:
+            assert peer.engine["speculative_config"]["method"] == {"eagle3": "eagle3", "draft-model": "draft_model"}[name]
+            out = peer.generate(prompt, TOKENS)
+            assert out.token_ids == plain, name
+            assert out.stats.drafted_tokens > 0, name  # it drafted (an untrained head's drafts are mostly rejected)
+        finally:
+            peer.close()

@@ -57,11 +57,14 @@ class SpeculativeGenerator:
     accepted as `method` too, for drafters of your own. `rule` picks the verification
     rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise) or
     "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
+    exact=True computes every target pass with row-invariant numerics (verispec.exact), so
+    that in bfloat16 too the output is token for token exact-mode `ar`'s.
     """
 
     def __init__(self, lm: Any, method: str | Drafter = AUTO, rule: str = "auto",
-                 rule_options: dict | None = None, **method_options: Any):
+                 rule_options: dict | None = None, exact: bool = False, **method_options: Any):
         self.lm = lm
+        self.exact = bool(exact)
         self.rule_name, self.rule_options = rule, dict(rule_options or {})
         # build the rule once now so that a bad name or option fails here, not mid-benchmark
         choose_rule(SamplingConfig(temperature=0.0 if rule == "greedy" else 1.0), rule, **self.rule_options)
@@ -75,7 +78,7 @@ class SpeculativeGenerator:
             self.method, self.drafter = type(method).__name__, method
         else:
             self.method, self.drafter = method, make_drafter(method, lm, **method_options)
-        self.target = CachedLM(lm.model)
+        self.target = CachedLM(lm.model, exact=self.exact)
 
     def generate(
         self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

@@ -54,6 +54,8 @@ def add_parser(subparsers) -> None:
                         "(a subset of the target's layers)")
     p.add_argument("--universal-draft", metavar="M", help="draft with another tokenizer for hf-universal "
                                                           "(default: --draft)")
+    p.add_argument("--exact", action="store_true", help="every verispec method (ar included) with exact=True: "
+                                                         "row-invariant target passes, output identical to ar in bf16 too")
     p.add_argument("--no-traces", action="store_true", help="skip the per-task trace pages")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", metavar="DIR", help="output folder (required to run)")
@@ -101,7 +103,7 @@ def cmd_bench(args) -> int:
         suite=args.suite, questions=args.questions, tasks=_split(args.tasks), per_task=args.per_task,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, dtype=args.dtype,
         device=args.device, repeats=args.repeats, warmup=args.warmup, draft=args.draft,
-        universal_draft=args.universal_draft, traces=not args.no_traces,
+        universal_draft=args.universal_draft, traces=not args.no_traces, exact=args.exact,
         command="verispec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result = run_bench(config, progress=not args.no_progress)

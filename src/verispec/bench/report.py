@@ -119,7 +119,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += _own_engine_section(summary)
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
-    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"))
+    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), bool(run.get("exact")))
     parts += _failures_section(out)
     parts += _trace_section(out, methods, tasks)
     if charts:
@@ -149,6 +149,8 @@ def _settings_line(run: dict, questions: int) -> str:
         value = env.get(key) if key == "dtype" else run.get(key)
         if value is not None:
             bits.append(f"{label} {value}")
+    if run.get("exact"):
+        bits.append("exact mode (row-invariant target passes)")
     if run.get("draft"):
         bits.append(f"draft `{run['draft']}`")
     if run.get("universal_draft"):
@@ -240,7 +242,7 @@ def _failures_section(out: Path) -> list[str]:
     return lines + [f"- `{f['method']}` q{f['question_id']} ({f['category']}): {f['error'][:200]}" for f in failed] + [""]
 
 
-def _lossless_section(summary: dict, dtype: str | None = None) -> list[str]:
+def _lossless_section(summary: dict, dtype: str | None = None, exact: bool = False) -> list[str]:
     if not summary["baseline"]:
         return []
     if not summary["greedy"]:
@@ -264,7 +266,10 @@ def _lossless_section(summary: dict, dtype: str | None = None) -> list[str]:
                 details.append(f"- `{m}` q{d['question_id']} ({d['category']}) turn {d['turn']}, {d['unit']} "
                                f"{d['position']} (ar {d['baseline_token']!r} vs {d['token']!r}): ar "
                                f"`{_code(d['baseline_snippet'])}` vs `{_code(d['snippet'])}`")
-    if dtype in ("bfloat16", "float16"):
+    if exact:
+        note = (f"This run is in exact mode ({dtype}): every verispec target pass computes each row as a one-token "
+                "pass would, so a verispec method that differs from `ar` is a bug; peers run their own numerics.")
+    elif dtype in ("bfloat16", "float16"):
         note = (f"This run is in {dtype}: a pass over several tokens rounds differently from a pass over one "
                 "(other matrix shapes, other kernels), and with 8 (bfloat16) or 11 (float16) mantissa bits that "
                 "flips near-tie argmaxes, so differences here are expected numerics, not lost exactness; run with "

@@ -40,7 +40,7 @@ DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
 PHASES = ("prefill", "draft", "target", "accept")
 # settings that must match to resume into (or add methods to) an existing output folder
 _SAME_RUN_KEYS = ("suite", "model", "dtype", "max_new_tokens", "temperature", "seed", "repeats", "draft",
-                  "universal_draft")
+                  "universal_draft", "exact")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class BenchConfig:
     universal_draft: str | None = None  # draft with another tokenizer for hf-universal (default: draft)
     warmup: int = 1  # warm-up generations per method before timing
     traces: bool = True  # trace pages for the first question of each task and method
+    exact: bool = False  # every verispec method (ar included) with exact=True (row-invariant target passes)
     command: str | None = None  # the command line, recorded in run.json by the CLI
 
     def __post_init__(self):
@@ -130,7 +131,7 @@ def base_method(name: str) -> str:
 
 
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
-                 universal_draft: Any | None = None):
+                 universal_draft: Any | None = None, exact: bool = False):
     base = base_method(name)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
@@ -144,6 +145,8 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
     chosen = universal_draft if base == "universal" and universal_draft is not None else draft
     if takes_draft(base) and "draft" not in options and chosen is not None:
         options["draft"] = chosen
+    if exact:
+        options.setdefault("exact", True)
     return VerispecMethod(base, lm, **options)
 
 
@@ -229,7 +232,8 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
         universal_draft = load_draft(config.universal_draft, lm, config.dtype, config.device)
     formatter = formatter or ChatFormatter(lm)
 
-    runners = {m: build_method(m, lm, config.options.get(m, {}), draft, universal_draft) for m in config.methods}
+    runners = {m: build_method(m, lm, config.options.get(m, {}), draft, universal_draft, config.exact)
+               for m in config.methods}
     _write_run(out, config, previous, lm, question_file, formatter)
 
     done = {m: {r["question_id"] for r in read_answers(answer_path(out, m), repair=True)} for m in config.methods}
@@ -454,7 +458,7 @@ def _read_run(out: Path) -> dict | None:
 def _settings(config: BenchConfig) -> dict[str, Any]:
     return {"suite": config.suite, "model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature, "seed": config.seed, "repeats": config.repeats, "draft": config.draft,
-            "universal_draft": config.universal_draft}
+            "universal_draft": config.universal_draft, "exact": config.exact}
 
 
 def _check_same_run(previous: dict | None, config: BenchConfig) -> None:

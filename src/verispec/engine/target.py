@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from .. import exact as exact_attention
 from ..compat import cache_kwargs, new_cache
 from ..layers import decoder_layers, keep_last
 from .cache import cache_length, crop_to, keep_positions
@@ -24,8 +25,12 @@ SUPPORTED_TREE_MODELS = ("llama", "qwen2", "gemma3_text", "gemma3")  # each chec
 
 
 class CachedLM:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, exact: bool = False):
+        """exact: every pass over several tree nodes computes each row as a one-token pass
+        would (see verispec.exact), and the pending prompt is prefilled in a pass of its own."""
         self.model = model
+        self.exact = exact
+        self._attention = exact_attention.register() if exact else None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         config = model.config
@@ -127,6 +132,11 @@ class CachedLM:
         too: the first token then comes from the same computation (which matters in
         bfloat16), and drafts are verified already on the first step.
         """
+        if self.exact:
+            return self._forward_tree_exact(tree, pending)
+        return self._forward_tree(tree, pending)
+
+    def _forward_tree(self, tree: TokenTree, pending) -> torch.Tensor:
         base, n_pending = self.cached_len, len(pending)
         n, n_aux = len(tree), len(tree.aux_tokens)
         self._tree_start, self._fed = base + n_pending, list(range(n + n_aux))
@@ -150,6 +160,19 @@ class CachedLM:
         positions = torch.cat([torch.arange(base, tree_start), tree_start + torch.tensor([*tree.depths, *tree.aux_positions])])
         masks = self._masks(visible, positions, positions)
         return self._run(ids, logits_to_keep=n + n_aux, position_ids=positions[None].to(self.device), attention_mask=masks)
+
+    def _forward_tree_exact(self, tree: TokenTree, pending) -> torch.Tensor:
+        """Exact mode: the pending prompt in a pass of its own (the same pass for every method,
+        `ar` included, with the model's own attention), then the tree with row-by-row attention."""
+        before = None
+        if pending:
+            self._run(torch.tensor(list(pending)), logits_to_keep=1)
+            before = self.features  # the features of the prompt rows (None when not captured)
+        with exact_attention.attention(self.model, self._attention):
+            logits = self._forward_tree(tree, ())
+        if before is not None and self.features is not None:
+            self.features = torch.cat([before, self.features])
+        return logits
 
     def begin_tree(self, root_cached: bool = False) -> None:
         """Start a tree; root_cached: its root is the last cached token (a drafter's tree), not yet fed."""

@@ -1,0 +1,102 @@
+"""Exact mode: verification passes whose every row is computed as a one-token pass computes it.
+
+Why (scripts/bf16_rows.py shows it op by op): on CPU, in bfloat16, a pass over n tokens of
+Llama or Qwen2 differs from n one-token passes first in attention. PyTorch's CPU
+flash-attention kernel multiplies all n query rows at once (Q.K^T and P.V through MKL's
+bf16 GEMM), and MKL's fp32 result for one row depends on how many rows share the call and
+on the key count; linear layers, RMSNorm, rotary and the LM head are row-invariant (ATen's
+own bf16 GEMM). One ulp of difference in an attention output then flips near-tie argmaxes.
+
+The mechanism is transformers' own: an attention function registered under the name
+"verispec_exact" (AttentionInterface, with sdpa's mask builder in AttentionMaskInterface).
+A pass with one query row is handed to the sdpa function unchanged: a one-token decode is
+plain decoding. A pass with n rows becomes n one-row calls, row r over exactly the keys it
+may see, gathered in cache order (the context, then its ancestors, as the cache of that path
+would hold them during decoding) and with no mask: the same call, on the same numbers, as
+a one-token pass at that position. Nothing of the model's code is copied or patched.
+
+Scope: batch size 1 (verispec's loop); any model whose attention goes through
+transformers' attention interface (Llama, Qwen2, Gemma-3: the tree-checked models). The
+prompt is prefilled in a pass of its own, shared by every method (CachedLM does that in
+exact mode), so only draft verification pays for the row-by-row attention.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+
+NAME = "verispec_exact"
+_registered = False
+
+
+def register() -> str:
+    """Register the exact attention function (idempotent); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, exact_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # masks exactly as for sdpa
+        _registered = True
+    return NAME
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' attention-function signature: query [B, H, q, D], key/value [B, Hkv, kv, D];
+    returns (output [B, q, H, D], None)."""
+    sdpa = _sdpa()
+    q_len = query.shape[2]
+    if q_len == 1:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if query.shape[0] != 1:
+        raise NotImplementedError("exact attention runs one sequence at a time (batch size 1)")
+    kwargs.pop("is_causal", None)  # each row is a one-token call: never causal
+    visible = _visible(attention_mask, q_len, key.shape[2], key.device)
+    rows = []
+    for r in range(q_len):
+        keys = visible[r].nonzero().flatten()
+        length = int(keys.numel())
+        if length and int(keys[-1]) == length - 1:  # a prefix of the cache: a view, as decoding reads it
+            k, v = key[:, :, :length], value[:, :, :length]
+        else:
+            k, v = key.index_select(2, keys), value.index_select(2, keys)
+        out, _ = sdpa(module, query[:, :, r:r + 1], k, v, None, **kwargs)
+        rows.append(out)
+    return torch.cat(rows, dim=1), None
+
+
+def _visible(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[q, kv] bool: which keys each query row may see (mask None: causal over the cache)."""
+    if mask is None:
+        past = kv_len - q_len
+        return torch.arange(kv_len, device=device)[None] <= past + torch.arange(q_len, device=device)[:, None]
+    m = mask[0, 0] if mask.dim() == 4 else mask
+    m = m[:, :kv_len]
+    return m if m.dtype == torch.bool else m == 0
+
+
+@contextmanager
+def attention(model, name: str | None) -> Iterator[None]:
+    """Run `model` with attention implementation `name` inside the block (None: as it is).
+    transformers' attention layers and mask builders read config._attn_implementation at
+    every forward, so setting it is enough; the previous value comes back after."""
+    if name is None:
+        yield
+        return
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -1,0 +1,162 @@
+"""Exact mode (verispec.exact): in bfloat16, a verification pass over n tokens gives each row
+bit for bit what a one-token pass gives, so every lossless method's output is exact-mode
+ar's. Tiny random Llama and Qwen2 models in bfloat16; the real models: test_real_model.py."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from verispec import SpeculativeGenerator
+from verispec.engine.target import CachedLM
+from verispec.engine.tree import TokenTree
+from verispec.exact import NAME
+from conftest import tiny_llama, tiny_qwen2
+
+VOCAB = 96
+
+
+def bf16(lm):
+    lm.model.to(torch.bfloat16)
+    return lm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def target(request):
+    # head_dim 32 and 3 layers: wide enough that multi-row attention rounds differently
+    make = tiny_llama if request.param == "llama" else tiny_qwen2
+    return bf16(make(vocab=VOCAB, layers=3, hidden=128, seed=11))
+
+
+def context(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def decode_rows(model, exact: bool, prompt: list[int], path: list[int]) -> torch.Tensor:
+    """Logits after each token of `path`, one token per pass (the prompt prefilled first)."""
+    lm = CachedLM(model, exact=exact)
+    lm.extend(prompt)
+    rows = []
+    for token in path:
+        rows.append(lm.forward_tree(TokenTree((token,), (-1,)))[0])
+        lm.commit([0])
+    return torch.stack(rows)
+
+
+def tree_rows(model, exact: bool, prompt: list[int], tree: TokenTree) -> torch.Tensor:
+    lm = CachedLM(model, exact=exact)
+    lm.extend(prompt)  # the same prefill pass as decode_rows': only the tree pass differs
+    return lm.forward_tree(tree)
+
+
+def path_to(tree: TokenTree, node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(tree.tokens[node])
+        node = tree.parents[node]
+    return path[::-1]
+
+
+CHAIN_CASES = [(seed, length, n) for seed, length, n in ((1, 30, 4), (2, 120, 8), (3, 200, 12), (4, 64, 2))]
+
+
+@pytest.mark.parametrize("seed,length,n", CHAIN_CASES)
+def test_a_chain_pass_is_bit_identical_to_one_token_passes(target, seed, length, n):
+    ctx = context(seed, length + n)
+    prompt, chain = ctx[:length - 1], ctx[length - 1:]
+    one_by_one = decode_rows(target.model, True, prompt, chain)
+    together = tree_rows(target.model, True, prompt, TokenTree(tuple(chain), tuple(range(-1, len(chain) - 1))))
+    assert torch.equal(together, one_by_one)
+
+
+def test_a_tree_pass_is_bit_identical_to_decoding_each_path(target):
+    ctx = context(7, 150)
+    prompt = ctx[:-1]
+    #        0
+    #      1   2
+    #     3 4   5
+    #     6
+    parents = (-1, 0, 0, 1, 1, 2, 3)
+    tree = TokenTree(tuple(context(8, len(parents))), parents)
+    together = tree_rows(target.model, True, prompt, tree)
+    for node in range(len(parents)):
+        rows = decode_rows(target.model, True, prompt, path_to(tree, node))
+        assert torch.equal(together[node], rows[-1]), f"node {node}"
+
+
+def test_without_exact_mode_the_rows_do_differ(target):
+    """What exact mode removes: the same passes with the model's own attention round
+    differently from one-token passes (else the tests above would prove nothing)."""
+    differs = 0
+    for seed, length, n in CHAIN_CASES:
+        ctx = context(seed, length + n)
+        prompt, chain = ctx[:length - 1], ctx[length - 1:]
+        one_by_one = decode_rows(target.model, False, prompt, chain)
+        together = tree_rows(target.model, False, prompt, TokenTree(tuple(chain), tuple(range(-1, len(chain) - 1))))
+        differs += not torch.equal(together, one_by_one)
+    assert differs > 0
+
+
+def test_exact_ar_is_plain_one_token_decoding(target):
+    """exact-mode ar: the prompt but its last token in one pass, then one token per pass."""
+    prompt = context(21, 60)
+    out = SpeculativeGenerator(target, method="ar", exact=True).generate(prompt, max_new_tokens=24)
+    cache = None
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        from verispec.compat import cache_kwargs
+
+        cache = DynamicCache(config=target.model.config)
+        target.model(input_ids=torch.tensor([prompt[:-1]]), **cache_kwargs(target.model, cache), use_cache=True)
+        token, tokens = prompt[-1], []
+        for _ in range(24):
+            logits = target.model(input_ids=torch.tensor([[token]]), **cache_kwargs(target.model, cache),
+                                  use_cache=True).logits
+            token = int(logits[0, -1].argmax())
+            tokens.append(token)
+    assert out.token_ids == tokens
+    assert target.model.config._attn_implementation == "sdpa"  # exact mode is set per pass, then undone
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    """Two of the target's three layers: it agrees with the target often, not always."""
+    from verispec.draft_init import layer_subset
+
+    return layer_subset(target, [0, 1])
+
+
+def repetitive(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    phrase = [rng.randrange(VOCAB) for _ in range(6)]
+    return [t for _ in range(4) for t in phrase + [rng.randrange(VOCAB)]]
+
+
+@pytest.mark.parametrize("method,options", [
+    ("prompt-lookup", {}), ("prompt-lookup", {"tree_width": 3}), ("draft-model", {"k": 4}),
+    ("draft-model", {"tree": "dynamic", "budget": 12}), ("recycling", {}), ("lookahead", {}),
+])
+def test_every_lossless_method_equals_exact_ar_in_bfloat16(target, draft, method, options):
+    if method == "draft-model":
+        options = {**options, "draft": draft}
+    ar = SpeculativeGenerator(target, method="ar", exact=True)
+    spec = SpeculativeGenerator(target, method=method, exact=True, **options)
+    drafted = 0
+    for seed in range(10):
+        prompt = repetitive(seed) if seed % 2 else context(100 + seed, 40)
+        want = ar.generate(prompt, max_new_tokens=32).token_ids
+        got = spec.generate(prompt, max_new_tokens=32)
+        assert got.token_ids == want, f"prompt {seed}"
+        drafted += got.stats.accepted_tokens
+    assert drafted > 0  # drafts were accepted, so multi-row passes were exercised
