@@ -401,3 +401,14 @@ def test_weights_vllm_cannot_map_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"unexpected \['token_ids'\]"):
         export_for_vllm(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_path_vllm_would_misread_is_refused(tiny, target3, tmp_path):
+    """vLLM re-labels a drafter whose path holds "eagle3" (or "eagle-") as EAGLE, whatever the
+    method: a Medusa head or a draft model exported there would not load."""
+    src = medusa_dir(tiny, tmp_path / "src")
+    with pytest.raises(ValueError, match="contains 'eagle3'.*'medusa'"):
+        export_for_vllm(src, tmp_path / "my-eagle3-heads" / "out")
+    assert not (tmp_path / "my-eagle3-heads" / "out").exists()
+    eagle = eagle3_dir(target3, tmp_path / "e3")
+    export_for_vllm(eagle, tmp_path / "smollm2-eagle3-vllm")  # an EAGLE head may say so

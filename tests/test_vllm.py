@@ -179,7 +179,7 @@ def test_readme_scale_out_commands(environment, bench, smol, tmp_path):
 
 # ---------------------------------------------------------------- the other kinds verispec exports
 
-def test_an_eagle3_head_and_a_draft_model_load_in_vllm_as_exported(environment, bench, smol, tmp_path):
+def test_an_eagle3_head_and_a_draft_model_load_in_vllm_as_exported(environment, bench, smol, tmp_path_factory):
     """No EAGLE-3 head is shipped yet, so one of verispec's own (untrained: random weights, the
     default layer ids) and a draft model (4 of the target's layers, as `verispec train
     draft-model` starts from), each exported, loaded and run by vLLM: same tokens as vllm-ar."""
@@ -191,6 +191,7 @@ def test_an_eagle3_head_and_a_draft_model_load_in_vllm_as_exported(environment, 
     from verispec.heads.eagle3 import Eagle3Head, head_config, save_eagle3
     from verispec.models import tokenizer_identity
 
+    tmp_path = tmp_path_factory.mktemp("kinds")  # (not the test's own folder: its name holds "eagle3", see below)
     torch.manual_seed(0)
     head = Eagle3Head(head_config(smol.model.config, 8192))
     head.set_draft_vocab(torch.arange(8192))

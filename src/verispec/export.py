@@ -59,6 +59,9 @@ vllm/transformers_utils/config.py patch_rope_parameters) and `torch_dtype` where
 
 vLLM picks the method from the name of the directory only for some names, so the
 command prints the --speculative-config to pass (method, model, num_speculative_tokens).
+The other way round, vLLM 0.32 re-labels any drafter whose path contains "eagle3" or
+"eagle-" (or "dflash", "dspark") as that method, whatever the config names: a Medusa head or
+a draft model exported to such a path would be loaded as EAGLE and fail, so that OUT is refused.
 
 OUT is written beside itself and renamed into place once complete. An existing OUT must be
 empty, or, with --force, an earlier export (it holds a config.json): --force never empties
@@ -122,6 +125,9 @@ def export(src: str | Path, out: str | Path, force: bool = False, to: str = "vll
         raise ValueError(f"cannot export to {to!r}: only 'vllm' is supported for now")
     src, out = Path(src), Path(os.path.abspath(out))  # (abspath: OUT "." still has a name and a parent)
     kind = detect_kind(src)
+    conflict = vllm_path_conflict(out, VLLM_METHOD[kind])
+    if conflict:
+        raise ValueError(conflict)
     _check_out(src, out, force)
     config = json.loads((src / CONFIG).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +185,22 @@ def detect_kind(src: Path) -> str:
 def _unknown(src: Path, why: str) -> ValueError:
     return ValueError(f"{src} is not a drafter verispec can export ({why}); expected the output of "
                       f"'verispec train ...': " + ", ".join(KINDS.values()))
+
+
+# vLLM 0.32 (config/speculative.py) re-labels a drafter whose path (any part of it, lower-cased)
+# holds one of these as that method, whatever method the config names: a Medusa head or a draft
+# model under such a path is then loaded as an EAGLE head and fails
+_PATH_METHODS = (("eagle-", "eagle"), ("eagle3", "eagle3"), ("dflash", "dflash"), ("dspark", "dspark"))
+
+
+def vllm_path_conflict(path: str | Path, method: str) -> str | None:
+    """Why vLLM would load the drafter at `path` as another method than `method`, or None."""
+    lowered = str(path).lower()
+    for needle, detected in _PATH_METHODS:
+        if needle in lowered and detected != method and method not in ("eagle", "eagle3"):
+            return (f"vLLM takes a drafter whose path contains {needle!r} for {detected!r}, whatever the "
+                    f"--speculative-config method ({method!r}) says: use a path without it ({path})")
+    return None
 
 
 def _check_out(src: Path, out: Path, force: bool) -> None:

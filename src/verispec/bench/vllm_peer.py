@@ -104,9 +104,11 @@ class VLLMPeer:
             raise ValueError("vllm-draft-model needs a draft model: pass --draft NAME_OR_PATH")
         self.name, self.lm, self.draft, self.options = name, lm, draft, dict(options)
         self.python = vllm_python()
-        self._tmp = tempfile.mkdtemp(prefix=f"verispec-{name}-")
+        # (a neutral folder name: vLLM takes a drafter whose path holds "eagle-" for an EAGLE head)
+        self._tmp = tempfile.mkdtemp(prefix="verispec-vllm-peer-")
         self.engine = self._engine_args()
         self._proc: subprocess.Popen | None = None
+        self._drain: threading.Thread | None = None
         self._stderr_tail: deque[str] = deque(maxlen=60)
         self._start_error: str | None = None
         self.vllm_version: str | None = None
@@ -136,7 +138,13 @@ class VLLMPeer:
                     "prompt_lookup_max": int(self.options.get("prompt_lookup_max", 3)),
                     "prompt_lookup_min": int(self.options.get("prompt_lookup_min", 1))}
         if self.name == "vllm-draft-model":
-            return {"method": "draft_model", "model": model_path(self.draft, "the draft"), "num_speculative_tokens": int(k)}
+            from ..export import vllm_path_conflict
+
+            path = model_path(self.draft, "the draft")
+            conflict = vllm_path_conflict(path, "draft_model")
+            if conflict:
+                raise ValueError(f"{self.name}: {conflict}")
+            return {"method": "draft_model", "model": path, "num_speculative_tokens": int(k)}
         exported = self._exported_head()
         if k is None:  # Medusa: every head drafts
             k = json.loads((exported.out / "config.json").read_text())["num_heads"]
@@ -171,7 +179,8 @@ class VLLMPeer:
         self._proc = subprocess.Popen([str(self.python), "-P", str(WORKER)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                                       cwd=self._tmp, env=env)
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
         timeout = float(self.options.get("startup_timeout_s", 900))
         reply = self._call({"engine": self.engine}, timeout)
         if "error" in reply:
@@ -198,11 +207,13 @@ class VLLMPeer:
             self._fail(f"{self.name}: no answer from vLLM within {timeout:.0f} s")
         if not line or not line[0]:
             code = _exit_code(proc)
-            time.sleep(0.2)  # let the log drain so the error shows vLLM's last words
             self._fail(f"{self.name}: the vLLM process exited (code {code})")
         return json.loads(line[0])
 
     def _fail(self, message: str):
+        proc = self._proc
+        if proc is not None and proc.poll() is not None and self._drain is not None:
+            self._drain.join(timeout=10)  # its log ends with it: vLLM's last words go in the error
         tail = "\n".join(list(self._stderr_tail)[-15:])
         self._start_error = message + (f"\nlast lines of vLLM's log:\n{tail}" if tail else "")
         self.close()
