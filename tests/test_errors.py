@@ -80,9 +80,11 @@ def test_compare_explains_reduced_precision_differences(capsys):
     base = SimpleNamespace(new_tokens=4, tokens_per_s=2.0)
     print_stats("prompt-lookup", stats, base, identical=False, dtype="bfloat16")
     lines = capsys.readouterr().err.splitlines()
-    assert "identical to ar: no" in lines[-2] and "--dtype float32 checks exactness" in lines[-1]
+    assert "identical to ar: no" in lines[-2] and "--exact makes them round as one-token passes" in lines[-1]
     print_stats("prompt-lookup", stats, base, identical=False, dtype="float32")
-    assert "--dtype float32" not in capsys.readouterr().err  # in float32 a difference is a real one
+    assert "--exact" not in capsys.readouterr().err  # in float32 a difference is a real one
+    print_stats("prompt-lookup", stats, base, identical=False, dtype="bfloat16", exact=True)
+    assert "round differently" not in capsys.readouterr().err  # in exact mode too
     print_stats("prompt-lookup", stats, base, identical=True, dtype="bfloat16")
     assert "round differently" not in capsys.readouterr().err
 

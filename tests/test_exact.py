@@ -1,4 +1,4 @@
-"""Exact mode (verispec.exact): in bfloat16, a verification pass over n tokens gives each row
+"""Exact mode (verispec.engine.exact): in bfloat16, a verification pass over n tokens gives each row
 bit for bit what a one-token pass gives, so every lossless method's output is exact-mode
 ar's. Tiny random Llama and Qwen2 models in bfloat16; the real models: test_real_model.py."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 from verispec import SpeculativeGenerator
 from verispec.engine.target import CachedLM
 from verispec.engine.tree import TokenTree
-from verispec.exact import NAME
 from conftest import tiny_llama, tiny_qwen2
 
 VOCAB = 96

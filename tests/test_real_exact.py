@@ -52,8 +52,8 @@ def smol_bf16():
 
 
 def test_smollm2_every_method_equals_exact_ar_in_bfloat16(smol_bf16):
-    check(smol_bf16, {"prompt-lookup": ("prompt-lookup", {}), "eagle": ("eagle", {}),
-                      "recycling": ("recycling", {})}, prompts_of())
+    # (recycling's 24-node trees are covered on the tiny models: here they would double the test's time)
+    check(smol_bf16, {"prompt-lookup": ("prompt-lookup", {}), "eagle": ("eagle", {})}, prompts_of())
 
 
 @pytest.mark.slow

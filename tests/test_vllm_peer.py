@@ -65,6 +65,7 @@ def test_missing_environment_names_the_setup_script(monkeypatch, tmp_path):
         vllm_python()
 
 
+@pytest.mark.real
 def test_engine_settings_per_peer(fake_vllm, smol):
     ar = VLLMPeer("vllm-ar", smol)
     assert ar.engine["model"] == str(Path(smol.model.config._name_or_path))
@@ -78,6 +79,7 @@ def test_engine_settings_per_peer(fake_vllm, smol):
     assert draft.engine["speculative_config"]["method"] == "draft_model"
 
 
+@pytest.mark.real
 def test_head_peers_export_the_shipped_heads(fake_vllm, smol):
     eagle = VLLMPeer("vllm-eagle", smol)
     spec = eagle.engine["speculative_config"]
@@ -96,6 +98,7 @@ def test_head_peers_export_the_shipped_heads(fake_vllm, smol):
         assert not Path(peer.engine["speculative_config"]["model"]).exists()  # its export is cleaned up
 
 
+@pytest.mark.real
 def test_bad_peer_settings(fake_vllm, smol):
     with pytest.raises(ValueError, match="needs a draft model: pass --draft"):
         VLLMPeer("vllm-draft-model", smol)
@@ -105,6 +108,7 @@ def test_bad_peer_settings(fake_vllm, smol):
         VLLMPeer("vllm-lookahead", smol)
 
 
+@pytest.mark.real
 def test_bench_knows_the_vllm_peers(fake_vllm, smol):
     assert set(VLLM_PEERS) >= {"vllm-ar", "vllm-ngram", "vllm-eagle", "vllm-draft-model"}
     peer = runner.build_method("vllm-ngram@k5", smol, {"num_speculative_tokens": 5})
@@ -113,6 +117,7 @@ def test_bench_knows_the_vllm_peers(fake_vllm, smol):
         runner.build_method("vllm-nope", smol, {})
 
 
+@pytest.mark.real
 def test_an_engine_that_does_not_start_fails_once_with_its_reason(monkeypatch, smol, tmp_path):
     """A stand-in worker that exits at once: the error says so, carries its last log lines,
     and later questions get the same error without another start."""
@@ -129,6 +134,7 @@ def test_an_engine_that_does_not_start_fails_once_with_its_reason(monkeypatch, s
     assert not (tmp_path / "started-again").exists() and peer._proc is None
 
 
+@pytest.mark.real
 def test_a_bench_run_goes_on_past_a_peer_that_cannot_start(monkeypatch, smol, tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'no vllm here' >&2\nexit 1\n")

@@ -57,7 +57,7 @@ class SpeculativeGenerator:
     accepted as `method` too, for drafters of your own. `rule` picks the verification
     rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise) or
     "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
-    exact=True computes every target pass with row-invariant numerics (verispec.exact), so
+    exact=True computes every target pass with row-invariant numerics (verispec.engine.exact), so
     that in bfloat16 too the output is token for token exact-mode `ar`'s.
     """
 

@@ -47,8 +47,11 @@ from typing import Any
 
 import torch
 
+from ..drafters.eagle import default_head
 from ..engine.stats import GenerationStats
+from ..export import export, vllm_path_conflict
 from ..generator import GenerationOutput
+from ..heads import find_drafter
 
 VLLM_PEERS = ("vllm-ar", "vllm-ngram", "vllm-eagle", "vllm-medusa", "vllm-draft-model")
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -138,8 +141,6 @@ class VLLMPeer:
                     "prompt_lookup_max": int(self.options.get("prompt_lookup_max", 3)),
                     "prompt_lookup_min": int(self.options.get("prompt_lookup_min", 1))}
         if self.name == "vllm-draft-model":
-            from ..export import vllm_path_conflict
-
             path = model_path(self.draft, "the draft")
             conflict = vllm_path_conflict(path, "draft_model")
             if conflict:
@@ -152,10 +153,6 @@ class VLLMPeer:
 
     def _exported_head(self):
         """verispec's head for the target (or option head=DIR), exported as vLLM loads it."""
-        from ..drafters.eagle import default_head
-        from ..export import export
-        from ..heads import find_drafter
-
         if "head" in self.options:
             src = Path(self.options["head"])
         elif self.name == "vllm-medusa":

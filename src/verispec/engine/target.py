@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from .. import exact as exact_attention
+from . import exact as exact_attention
 from ..compat import cache_kwargs, new_cache
 from ..layers import decoder_layers, keep_last
 from .cache import cache_length, crop_to, keep_positions
@@ -27,7 +27,7 @@ SUPPORTED_TREE_MODELS = ("llama", "qwen2", "gemma3_text", "gemma3")  # each chec
 class CachedLM:
     def __init__(self, model: torch.nn.Module, exact: bool = False):
         """exact: every pass over several tree nodes computes each row as a one-token pass
-        would (see verispec.exact), and the pending prompt is prefilled in a pass of its own."""
+        would (see verispec.engine.exact), and the pending prompt is prefilled in a pass of its own."""
         self.model = model
         self.exact = exact
         self._attention = exact_attention.register() if exact else None
