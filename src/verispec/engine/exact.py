@@ -86,16 +86,13 @@ def _visible(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torc
 
 
 @contextmanager
-def attention(model, name: str | None) -> Iterator[None]:
-    """Run `model` with attention implementation `name` inside the block (None: as it is).
-    transformers' attention layers and mask builders read config._attn_implementation at
-    every forward, so setting it is enough; the previous value comes back after."""
-    if name is None:
-        yield
-        return
+def attention(model) -> Iterator[None]:
+    """Run `model` with the exact attention inside the block. transformers' attention layers
+    and mask builders read config._attn_implementation at every forward, so setting it is
+    enough; the previous value comes back after."""
     config = model.config
     before = config._attn_implementation
-    config._attn_implementation = name
+    config._attn_implementation = register()
     try:
         yield
     finally:

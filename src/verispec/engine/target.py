@@ -30,7 +30,6 @@ class CachedLM:
         would (see verispec.engine.exact), and the pending prompt is prefilled in a pass of its own."""
         self.model = model
         self.exact = exact
-        self._attention = exact_attention.register() if exact else None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         config = model.config
@@ -168,7 +167,7 @@ class CachedLM:
         if pending:
             self._run(torch.tensor(list(pending)), logits_to_keep=1)
             before = self.features  # the features of the prompt rows (None when not captured)
-        with exact_attention.attention(self.model, self._attention):
+        with exact_attention.attention(self.model):
             logits = self._forward_tree(tree, ())
         if before is not None and self.features is not None:
             self.features = torch.cat([before, self.features])
