@@ -87,6 +87,8 @@ def test_compare_explains_reduced_precision_differences(capsys):
     assert "round differently" not in capsys.readouterr().err  # in exact mode too
     print_stats("prompt-lookup", stats, base, identical=True, dtype="bfloat16")
     assert "round differently" not in capsys.readouterr().err
+    print_stats("prompt-lookup", stats, base, identical=False, dtype="float32", independent_sampling=True)
+    assert "--rule gumbel keeps the tokens" in capsys.readouterr().err  # sampling: the distribution is kept
 
 
 # ------------------------------------------------------------------ option values (CLI --option / --rule-option)

@@ -183,7 +183,8 @@ def tree_step(rule, ctx: tuple[int, ...], mode: str, rng) -> list[int]:
     def expand(tokens, parents, nodes):
         return torch.stack([draft_q(ctx + path(tokens, parents, n)).log() for n in nodes])
 
-    tree = grow_static(0, draft_q(ctx).log(), SHAPE, expand, SamplingConfig(temperature=1.0), rng, 8, mode)
+    tree = grow_static(0, draft_q(ctx).log(), SHAPE, expand, SamplingConfig(temperature=1.0), rng, 8, mode,
+                       start=len(ctx) + 1)
     logits = torch.stack([target_p(ctx + path(tree.tokens, tree.parents, n)).log() for n in range(len(tree))])
     v = rule.verify(tree, logits, SamplingConfig(temperature=1.0), rng)
     return [tree.tokens[i] for i in v.accepted] + [v.next_token]

@@ -41,8 +41,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--drafter", metavar="DIR", help="trained heads for medusa / eagle (a 'verispec train' output)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--rule", default="auto",
-                   help="verification rule: auto (lossless: greedy at temperature 0, else speculative sampling) "
-                        "or typical (Medusa's typical acceptance; LOSSY: changes the output distribution)")
+                   help="verification rule: auto (lossless: greedy at temperature 0, else speculative sampling), "
+                        "gumbel (lossless seeded sampling: the output is token for token ar's for the same seed and "
+                        "rule) or typical (Medusa's typical acceptance; LOSSY: changes the output distribution)")
     p.add_argument("--rule-option", action="append", default=[], metavar="KEY=VALUE",
                    help="rule option, e.g. epsilon=0.09 delta=0.3 for typical")
     p.add_argument("--prompt", required=True)
@@ -83,9 +84,10 @@ def cmd_generate(args) -> int:
     out = gen.generate(args.prompt, **sampling)
     base = None
     if args.compare:
-        ar = verispec.SpeculativeGenerator(lm, method="ar", exact=args.exact)
+        # the same rule and the seed the output used (gumbel draws one when none is given)
+        ar = verispec.SpeculativeGenerator(lm, method="ar", rule=args.rule, rule_options=rule_options, exact=args.exact)
         ar.generate(args.prompt, **{**sampling, "max_new_tokens": min(8, args.max_new_tokens)})
-        base = ar.generate(args.prompt, **sampling)
+        base = ar.generate(args.prompt, **{**sampling, "seed": out.seed})
     if args.trace_html:
         trace.write_html(out, lm, args.trace_html, title=f"{method} on {args.model}")
     if args.json:
@@ -101,12 +103,13 @@ def cmd_generate(args) -> int:
         print(out.text)
     print_stats(method, out.stats, base.stats if base else None,
                 identical=None if base is None else base.token_ids == out.token_ids,
-                dtype=str(next(lm.model.parameters()).dtype).replace("torch.", ""), exact=args.exact)
+                dtype=str(next(lm.model.parameters()).dtype).replace("torch.", ""), exact=args.exact,
+                independent_sampling=args.temperature > 0 and gen.rule_name != "gumbel")
     return 0
 
 
 def print_stats(method: str, stats, base=None, identical: bool | None = None, dtype: str = "float32",
-                exact: bool = False) -> None:
+                exact: bool = False, independent_sampling: bool = False) -> None:
     t = stats.time_s
     lines = [
         f"[{method}] {stats.new_tokens} tokens in {stats.wall_time_s:.2f} s = {stats.tokens_per_s:.1f} tok/s; "
@@ -119,7 +122,10 @@ def print_stats(method: str, stats, base=None, identical: bool | None = None, dt
     if base is not None:
         lines.append(f"[ar] {base.new_tokens} tokens, {base.tokens_per_s:.1f} tok/s -> speedup "
                      f"{stats.tokens_per_s / base.tokens_per_s:.2f}x; output identical to ar: {'yes' if identical else 'no'}")
-        if not identical and dtype != "float32" and not exact:
+        if not identical and independent_sampling:
+            lines.append("  (speculative sampling keeps ar's distribution, not its tokens for a seed; "
+                         "--rule gumbel keeps the tokens)")
+        elif not identical and dtype != "float32" and not exact:
             # not lost exactness: a pass over several tokens rounds differently from a one-token pass
             lines.append(f"  ({dtype}: multi-token passes round differently and flip near-tie tokens; "
                          "--exact makes them round as one-token passes)")

@@ -1,6 +1,7 @@
 """SpeculativeGenerator: the public entry point that ties a target, a drafter and a rule."""
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ class GenerationOutput:
     stats: GenerationStats
     kinds: list[str] = field(default_factory=list)  # how each new token came: accepted/recovered/bonus/target
     prompt_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # the sampling seed (the gumbel rule draws one when none is given)
 
 
 class SpeculativeGenerator:
@@ -55,8 +57,11 @@ class SpeculativeGenerator:
     as keyword arguments, e.g. method="prompt-lookup", k=10, or
     method="draft-model", draft=verispec.load_model(...), k=5. A Drafter instance is
     accepted as `method` too, for drafters of your own. `rule` picks the verification
-    rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise) or
-    "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
+    rule: "auto" (lossless: greedy at temperature 0, speculative sampling otherwise), "gumbel"
+    (lossless, coupled: each token the Gumbel-max draw with noise keyed by the seed and its
+    position, for the target and the drafts alike, so the sampled output is token for token
+    `ar`'s under the same rule and seed; without a seed one is drawn, `output.seed` says which)
+    or "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
     exact=True computes every target pass with row-invariant numerics (verispec.engine.exact), so
     that in bfloat16 too the output is token for token exact-mode `ar`'s.
     """
@@ -67,7 +72,7 @@ class SpeculativeGenerator:
         self.exact = bool(exact)
         self.rule_name, self.rule_options = rule, dict(rule_options or {})
         # build the rule once now so that a bad name or option fails here, not mid-benchmark
-        choose_rule(SamplingConfig(temperature=0.0 if rule == "greedy" else 1.0), rule, **self.rule_options)
+        choose_rule(self._sampling(0.0 if rule == "greedy" else 1.0, 0, 1.0, 0), rule, **self.rule_options)
         self.auto_reason = None
         if method == AUTO:
             if method_options:
@@ -87,7 +92,7 @@ class SpeculativeGenerator:
     ) -> GenerationOutput:
         """`on_step(new_token_ids)` is called after each verification step with the tokens it
         committed (for streaming); return False from it to stop early."""
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        sampling = self._sampling(temperature, top_k, top_p, seed)
         prompt_ids = self._encode(prompt, chat)
         self._check_lengths(prompt_ids, max_new_tokens)
         stop_ids = set(self._eos_ids() if stop_token_ids is None else stop_token_ids)
@@ -95,7 +100,15 @@ class SpeculativeGenerator:
             self.target, self.drafter, choose_rule(sampling, self.rule_name, **self.rule_options), prompt_ids, max_new_tokens,
             sampling, self._rng(sampling), stop_ids, on_step,
         )
-        return GenerationOutput(result.tokens, self._decode(result.tokens), result.stats, result.kinds, prompt_ids)
+        return GenerationOutput(result.tokens, self._decode(result.tokens), result.stats, result.kinds, prompt_ids,
+                                sampling.seed)
+
+    def _sampling(self, temperature: float, top_k: int, top_p: float, seed: int | None) -> SamplingConfig:
+        """The sampling settings of a generation; the gumbel rule couples them (and needs a seed)."""
+        coupled = self.rule_name == "gumbel"
+        if coupled and seed is None and temperature != 0:
+            seed = secrets.randbits(63)  # reported in GenerationOutput.seed, so the output can be reproduced
+        return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, coupled=coupled)
 
     def _encode(self, prompt: str | list[int], chat: bool) -> list[int]:
         if isinstance(prompt, str):

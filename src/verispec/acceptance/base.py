@@ -39,17 +39,27 @@ def end_kind(tree: TokenTree, node: int) -> NextKind:
     return "recovered" if tree.children[node] else "bonus"
 
 
-RULES = ("auto", "greedy", "speculative-sampling", "typical")
+RULES = ("auto", "greedy", "speculative-sampling", "gumbel", "typical")
 
 
 def choose_rule(sampling: SamplingConfig, name: str = "auto", **options) -> Rule:
-    """A rule by name; "auto" is the lossless rule for these sampling settings
-    (greedy at temperature 0, speculative sampling otherwise). "typical" is lossy."""
-    GreedyRule, SpeculativeSamplingRule, TypicalAcceptanceRule = (
-        rule_class(n) for n in ("greedy", "speculative-sampling", "typical"))
+    """A rule by name; "auto" is the lossless rule for these sampling settings (greedy at
+    temperature 0, gumbel for coupled sampling, speculative sampling otherwise). "typical" is lossy."""
+    GreedyRule, SpeculativeSamplingRule, GumbelRule, TypicalAcceptanceRule = (
+        rule_class(n) for n in ("greedy", "speculative-sampling", "gumbel", "typical"))
 
     if name == "auto":
-        name = "greedy" if sampling.greedy else "speculative-sampling"
+        name = "greedy" if sampling.greedy else "gumbel" if sampling.coupled else "speculative-sampling"
+    if name == "gumbel":
+        if options:
+            raise ValueError(f"rule 'gumbel' takes no options (got {', '.join(options)})")
+        if sampling.greedy:  # the Gumbel-max draw at temperature 0 is the argmax
+            return GreedyRule()
+        if not sampling.coupled:
+            raise ValueError("the gumbel rule verifies coupled sampling: SamplingConfig(coupled=True, seed=...)")
+        return GumbelRule()
+    if sampling.coupled and not sampling.greedy:
+        raise ValueError(f"coupled sampling is verified by the gumbel rule (or auto), not {name!r}")
     if name == "typical":
         check_options("rule 'typical'", TypicalAcceptanceRule.__init__, options, skip=("self",))
         return TypicalAcceptanceRule(**options)

@@ -14,7 +14,8 @@ class GreedyRule:
     lossless = True
 
     def verify(
-        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None
+        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None,
+        position: int | None = None,
     ) -> Verdict:
         argmax = target_logits.argmax(-1)  # [n_nodes]: the target's token after each node
         if tree.is_chain:  # chain fast path: the accepted drafts are the longest prefix that matches

@@ -24,7 +24,8 @@ class SpeculativeSamplingRule:
     lossless = True
 
     def verify(
-        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None
+        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None,
+        position: int | None = None,
     ) -> Verdict:
         node, accepted = 0, []
         while True:

@@ -26,7 +26,8 @@ class TypicalAcceptanceRule:
         self.epsilon, self.delta = float(epsilon), float(delta)
 
     def verify(
-        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None
+        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None,
+        position: int | None = None,
     ) -> Verdict:
         p = probabilities(target_logits, sampling)  # [n_nodes, vocab]
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)

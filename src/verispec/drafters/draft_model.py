@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..engine.sampling import probabilities, sample
+from ..engine.sampling import draw, probabilities
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
 from .base import DraftContext, Drafter, register
@@ -80,7 +80,7 @@ class DraftModel(Drafter):
                 x = int(logits.argmax())
             else:
                 q = probabilities(logits, ctx.sampling)
-                x = sample(q, ctx.rng)
+                x = draw(q, ctx.sampling, ctx.rng, len(ctx.tokens) + i)  # draft i is the token at that index
                 qs.append(q)
             drafts.append(x)
             if i < k - 1:
@@ -100,10 +100,11 @@ class DraftModel(Drafter):
         self.lm.begin_tree(root_cached=True)
         expand = self.lm.feed_nodes
         if self.dynamic:
-            tree = grow_dynamic(ctx.tokens[-1], root_logits, expand, ctx.max_depth, self.depth, self.top_k, self.budget)
+            tree = grow_dynamic(ctx.tokens[-1], root_logits, expand, ctx.max_depth, self.depth, self.top_k, self.budget,
+                                ctx.sampling, len(ctx.tokens))
         else:
             tree = grow_static(ctx.tokens[-1], root_logits, self.shape, expand, ctx.sampling, ctx.rng,
-                               ctx.max_depth, self.children)
+                               ctx.max_depth, self.children, start=len(ctx.tokens))
         self.lm.crop(len(ctx.tokens))  # drop the tree; accepted tokens are fed at the next catch-up
         self.cached = list(ctx.tokens)
         return tree

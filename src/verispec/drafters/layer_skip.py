@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from ..calibrate import resolve_layer_skip
-from ..engine.sampling import probabilities, sample
+from ..engine.sampling import draw, probabilities
 from ..engine.tree import TokenTree
 from ..layers import check_skip, decoder_layers, skip_layers_view
 from .base import DraftContext, register
@@ -63,7 +63,7 @@ class LayerSkip(DraftModel):
                 confidence = float(torch.softmax(logits.float(), -1)[x]) if self.threshold > 0 else 1.0
             else:
                 q = probabilities(logits, ctx.sampling)
-                x = sample(q, ctx.rng)
+                x = draw(q, ctx.sampling, ctx.rng, len(ctx.tokens) + i)  # draft i is the token at that index
                 qs.append(q)
                 confidence = float(q[x])
             drafts.append(x)

@@ -130,7 +130,8 @@ class MedusaDrafter(Drafter):
             depths = depths_of(parents)
             return logits[[depths[n] for n in nodes]]
 
-        tree = grow_static(root, logits[0], self.shape, expand, ctx.sampling, ctx.rng, ctx.max_depth, self.children)
+        tree = grow_static(root, logits[0], self.shape, expand, ctx.sampling, ctx.rng, ctx.max_depth, self.children,
+                           start=len(ctx.tokens))
         if deterministic and self.heads.truncated:  # draft-vocabulary indices -> token ids
             ids = self.heads.token_map[list(tree.tokens[1:])].tolist()
             tree = TokenTree((root, *ids), tree.parents)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import SamplingConfig
-from ..engine.sampling import probabilities
+from ..engine.sampling import gumbel_scores, probabilities
 from ..engine.tree import TokenTree, depths_of
 
 Expand = Callable[[list[int], list[int], list[int]], torch.Tensor]
@@ -45,14 +45,18 @@ def static_shape(paths: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
 
 def grow_static(
     root: int, root_logits: torch.Tensor, shape: tuple[list[int], list[int]], expand: Expand,
-    sampling: SamplingConfig, rng: torch.Generator | None, max_depth: int, children: str = "topk",
+    sampling: SamplingConfig, rng: torch.Generator | None, max_depth: int, children: str = "topk", *, start: int,
 ) -> TokenTree:
-    """Fill a static shape with tokens, one expand() per level for the nodes that have children."""
+    """Fill a static shape with tokens, one expand() per level for the nodes that have children.
+    start: the sequence index of the root's children (coupled sampling keys its noise by it)."""
     if children not in CHILD_MODES:
         raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
     if sampling.greedy:
         children = "topk"  # sampling from a one-hot distribution would only repeat the argmax
+    elif sampling.coupled:
+        children = "coupled"  # the target picks with known noise: rank children by the same perturbed scores
     shape_parents, ranks = _truncate(shape, max_depth)
+    depth = depths_of(shape_parents)
     kids = [[] for _ in shape_parents]
     for i in range(1, len(shape_parents)):
         kids[shape_parents[i]].append(i)
@@ -61,14 +65,15 @@ def grow_static(
     level = [0]
     while level:
         for node in level:
-            _fill_children(node, kids[node], ranks, logits_at[node], tokens, qs, sampling, rng, children)
+            _fill_children(node, kids[node], ranks, logits_at[node], tokens, qs, sampling, rng, children,
+                           start + depth[node])
         next_level = [c for node in level for c in kids[node]]
         inner = [c for c in next_level if kids[c]]
         if inner:
             logits_at.update(zip(inner, expand(tokens, shape_parents, inner)))
         level = inner
     probs = None
-    if children != "topk" and len(qs) > 1:
+    if children not in ("topk", "coupled") and len(qs) > 1:
         qs[0] = torch.zeros_like(qs[1])  # the root is not drafted
         probs = torch.stack(qs)
     return TokenTree(tuple(tokens), tuple(shape_parents), probs)
@@ -86,11 +91,12 @@ def _truncate(shape, max_depth: int) -> tuple[list[int], list[int]]:
     return [-1] + [remap[parents[i]] for i in keep[1:]], [ranks[i] for i in keep]
 
 
-def _fill_children(node, kid_nodes, ranks, logits, tokens, qs, sampling, rng, mode) -> None:
+def _fill_children(node, kid_nodes, ranks, logits, tokens, qs, sampling, rng, mode, index) -> None:
     if not kid_nodes:
         return
-    if mode == "topk":
-        top = torch.topk(logits.float(), max(ranks[c] for c in kid_nodes) + 1).indices.tolist()
+    if mode in ("topk", "coupled"):
+        scores = logits.float() if mode == "topk" else gumbel_scores(probabilities(logits, sampling), sampling.seed, index)
+        top = torch.topk(scores, max(ranks[c] for c in kid_nodes) + 1).indices.tolist()
         for c in kid_nodes:
             tokens[c] = top[ranks[c]]
         return
@@ -109,14 +115,24 @@ def _fill_children(node, kid_nodes, ranks, logits, tokens, qs, sampling, rng, mo
 
 def grow_dynamic(
     root: int, root_logits: torch.Tensor, expand: Expand, max_depth: int, depth: int, top_k: int, budget: int,
+    sampling: SamplingConfig | None = None, start: int | None = None,
 ) -> TokenTree:
     """EAGLE-2 tree: score = cumulative draft log-probability; expand the best top_k per level.
-    The tree carries each node's score (TokenTree.scores) for drafters that merge trees."""
+    The tree carries each node's score (TokenTree.scores) for drafters that merge trees.
+    Under coupled sampling (then `start`, the sequence index of the root's children, is needed)
+    a level's log-probabilities are those of the perturbed scores log q + g of its index: the
+    target picks by them."""
+    coupled = sampling is not None and sampling.coupled and not sampling.greedy
+    if coupled and start is None:
+        raise ValueError("grow_dynamic under coupled sampling needs start (the root's children's sequence index)")
     tokens, parents, scores = [root], [-1], [0.0]
     frontier, frontier_scores, frontier_logits = [0], torch.zeros(1, dtype=torch.float64), root_logits[None]
     levels = min(depth, max_depth)
     for level in range(levels):
-        top = torch.topk(torch.log_softmax(frontier_logits.float(), -1), top_k, dim=-1)  # [frontier, top_k]
+        level_logp = torch.log_softmax(  # a level's nodes share one sequence index, so one noise row
+            gumbel_scores(probabilities(frontier_logits, sampling), sampling.seed, start + level) if coupled
+            else frontier_logits.float(), -1)
+        top = torch.topk(level_logp, top_k, dim=-1)  # [frontier, top_k]
         # float64 sums of the float32 log-probabilities: the same numbers Python floats would give
         level_scores = (frontier_scores.to(top.values.device)[:, None] + top.values.double()).flatten()
         order = torch.sort(-level_scores, stable=True).indices[:top_k]  # ties: the earlier candidate

@@ -47,7 +47,7 @@ def speculative_decode(
             with timer.phase("prefill" if pending else "target"):
                 logits = target.forward_tree(tree, pending)  # [n_nodes (+ aux), vocab]
             with timer.phase("accept"):
-                verdict = rule.verify(tree, logits[: len(tree)], sampling, rng)
+                verdict = rule.verify(tree, logits[: len(tree)], sampling, rng, position=len(tokens))
             target.commit([0, *verdict.accepted])
             new = [tree.tokens[i] for i in verdict.accepted] + [verdict.next_token]
             kinds = ["accepted"] * len(verdict.accepted) + [verdict.next_kind]

@@ -63,7 +63,9 @@ class Rule(Protocol):
     lossless: bool
 
     def verify(
-        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None
+        self, tree: TokenTree, target_logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator | None,
+        position: int | None = None,
     ) -> Verdict:
-        """target_logits: [n_nodes, vocab], row i is the target's prediction after node i."""
+        """target_logits: [n_nodes, vocab], row i is the target's prediction after node i.
+        position: the sequence index of the token after the root (rules keyed by position use it)."""
         ...
