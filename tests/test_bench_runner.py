@@ -101,6 +101,27 @@ def test_answer_files_follow_spec_bench_layout(tiny_lm, questions, tmp_path):
         json.loads((out / "metrics.json").read_text())["methods"]["prompt-lookup"]["overall"]["speedup"])
 
 
+def test_a_gumbel_run_checks_sampled_outputs_against_ar(tiny_lm, questions, tmp_path):
+    """--rule gumbel: every verispec method samples with the same seeded noise, so at temperature > 0
+    their outputs are compared with ar's like greedy ones (and equal)."""
+    out = tmp_path / "run"
+    draft = tiny_llama(seed=3, layers=1)
+    run(tiny_lm, questions, out, methods=["ar", "prompt-lookup", "draft-model"], temperature=0.9, rule="gumbel",
+        draft=draft)
+    summary = json.loads((out / "metrics.json").read_text())
+    for method in ("prompt-lookup", "draft-model"):
+        loss = summary["methods"][method]["overall"]["lossless"]
+        assert (loss["compared"], loss["identical"]) == (4, 4), method
+    ar = read_answers(out / "ar.jsonl")
+    greedy = tmp_path / "greedy"
+    run(tiny_lm, questions, greedy, methods=["ar"])
+    assert [r["verispec"]["token_ids"] for r in ar] != [r["verispec"]["token_ids"] for r in read_answers(greedy / "ar.jsonl")]
+    text = (out / "report.md").read_text()
+    assert "## Losslessness (gumbel sampling)" in text and "rule `gumbel` for every verispec method" in text
+    with pytest.raises(ValueError, match="rule"):  # a folder is one run: no mixing of rules in it
+        run(tiny_lm, questions, out, methods=["ar"], temperature=0.9)
+
+
 def _spec_bench_speedup(path, base_path):
     """Spec-Bench evaluation/speed.py's formula (with new_tokens for the baseline's tokens too)."""
     def speeds(p):

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
                                                           "(default: --draft)")
     p.add_argument("--exact", action="store_true", help="every verispec method (ar included) with exact=True: "
                                                          "row-invariant target passes, output identical to ar in bf16 too")
+    p.add_argument("--rule", default="auto", choices=["auto", "gumbel"],
+                   help="every verispec method's verification rule (ar included): gumbel = coupled seeded sampling, "
+                        "whose outputs equal ar's at any temperature (then checked); a lossy rule goes per method, "
+                        "--option M.rule=typical")
     p.add_argument("--no-traces", action="store_true", help="skip the per-task trace pages")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", metavar="DIR", help="output folder (required to run)")
@@ -104,6 +108,7 @@ def cmd_bench(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, dtype=args.dtype,
         device=args.device, repeats=args.repeats, warmup=args.warmup, draft=args.draft,
         universal_draft=args.universal_draft, traces=not args.no_traces, exact=args.exact,
+        rule=args.rule,
         command="verispec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None,
     )
     result = run_bench(config, progress=not args.no_progress)

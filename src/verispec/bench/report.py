@@ -39,8 +39,9 @@ def build_report(out: str | Path) -> Path:
     if not answers:
         raise ValueError(f"the answer files in {out} are empty; nothing to report")
     baseline = run.get("baseline", BASELINE)
-    greedy = float(run.get("temperature", 0.0) or 0.0) == 0.0
-    summary = metrics.summarize(answers, baseline=baseline, greedy=greedy)
+    # outputs are comparable with ar's when greedy, or sampled with the gumbel rule (a function of the seed)
+    comparable = float(run.get("temperature", 0.0) or 0.0) == 0.0 or run.get("rule") == "gumbel"
+    summary = metrics.summarize(answers, baseline=baseline, greedy=comparable)
     (out / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     charts = write_charts(out, summary, answers)
     path = out / REPORT_FILE
@@ -119,7 +120,8 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += _own_engine_section(summary)
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
-    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), bool(run.get("exact")))
+    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), bool(run.get("exact")),
+                               float(run.get("temperature", 0.0) or 0.0) > 0)
     parts += _failures_section(out)
     parts += _trace_section(out, methods, tasks)
     if charts:
@@ -151,6 +153,8 @@ def _settings_line(run: dict, questions: int) -> str:
             bits.append(f"{label} {value}")
     if run.get("exact"):
         bits.append("exact mode (row-invariant target passes)")
+    if run.get("rule") not in (None, "auto"):
+        bits.append(f"rule `{run['rule']}` for every verispec method")
     if run.get("draft"):
         bits.append(f"draft `{run['draft']}`")
     if run.get("universal_draft"):
@@ -242,7 +246,8 @@ def _failures_section(out: Path) -> list[str]:
     return lines + [f"- `{f['method']}` q{f['question_id']} ({f['category']}): {f['error'][:200]}" for f in failed] + [""]
 
 
-def _lossless_section(summary: dict, dtype: str | None = None, exact: bool = False) -> list[str]:
+def _lossless_section(summary: dict, dtype: str | None = None, exact: bool = False, gumbel: bool = False) -> list[str]:
+    """gumbel: a sampled run under the gumbel rule, whose outputs are compared like greedy ones."""
     if not summary["baseline"]:
         return []
     if not summary["greedy"]:
@@ -277,7 +282,10 @@ def _lossless_section(summary: dict, dtype: str | None = None, exact: bool = Fal
     else:
         note = ("In float32 a verispec method that differs from `ar` is a bug; an `hf-*` peer may still differ "
                 "where its passes have other shapes (e.g. the whole prompt at once) and a near-tie flips.")
-    lines = ["## Losslessness (greedy)", "",
+    if gumbel:
+        note = ("Sampled with the gumbel rule: each token is the Gumbel-max draw keyed by the seed and its position, "
+                "for every verispec method alike, so a lossless method's output equals `ar`'s for the same seed. " + note)
+    lines = [f"## Losslessness ({'gumbel sampling' if gumbel else 'greedy'})", "",
              "Share of questions whose output tokens (every turn) are identical to `ar`'s, and where each other "
              "one first differs. " + note, "",
              _table(["Method", "identical to ar", "first differences"], rows, align=":--"), ""]

@@ -40,7 +40,7 @@ DEFAULT_METHODS = ("ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup")
 PHASES = ("prefill", "draft", "target", "accept")
 # settings that must match to resume into (or add methods to) an existing output folder
 _SAME_RUN_KEYS = ("suite", "model", "dtype", "max_new_tokens", "temperature", "seed", "repeats", "draft",
-                  "universal_draft", "exact")
+                  "universal_draft", "exact", "rule")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class BenchConfig:
     warmup: int = 1  # warm-up generations per method before timing
     traces: bool = True  # trace pages for the first question of each task and method
     exact: bool = False  # every verispec method (ar included) with exact=True (row-invariant target passes)
+    rule: str = "auto"  # every verispec method's verification rule (ar included); gumbel: outputs comparable when sampling
     command: str | None = None  # the command line, recorded in run.json by the CLI
 
     def __post_init__(self):
@@ -131,7 +132,7 @@ def base_method(name: str) -> str:
 
 
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
-                 universal_draft: Any | None = None, exact: bool = False):
+                 universal_draft: Any | None = None, exact: bool = False, rule: str = "auto"):
     base = base_method(name)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
@@ -147,6 +148,8 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
         options["draft"] = chosen
     if exact:
         options.setdefault("exact", True)
+    if rule != "auto":
+        options.setdefault("rule", rule)
     return VerispecMethod(base, lm, **options)
 
 
@@ -232,7 +235,7 @@ def run_bench(config: BenchConfig, lm: Any | None = None, draft: Any | None = No
         universal_draft = load_draft(config.universal_draft, lm, config.dtype, config.device)
     formatter = formatter or ChatFormatter(lm)
 
-    runners = {m: build_method(m, lm, config.options.get(m, {}), draft, universal_draft, config.exact)
+    runners = {m: build_method(m, lm, config.options.get(m, {}), draft, universal_draft, config.exact, config.rule)
                for m in config.methods}
     _write_run(out, config, previous, lm, question_file, formatter)
 
@@ -458,7 +461,8 @@ def _read_run(out: Path) -> dict | None:
 def _settings(config: BenchConfig) -> dict[str, Any]:
     return {"suite": config.suite, "model": config.model, "dtype": config.dtype, "max_new_tokens": config.max_new_tokens,
             "temperature": config.temperature, "seed": config.seed, "repeats": config.repeats, "draft": config.draft,
-            "universal_draft": config.universal_draft, "exact": config.exact}
+            "universal_draft": config.universal_draft, "exact": config.exact,
+            "rule": config.rule}
 
 
 def _check_same_run(previous: dict | None, config: BenchConfig) -> None:
