@@ -122,6 +122,20 @@ def test_a_gumbel_run_checks_sampled_outputs_against_ar(tiny_lm, questions, tmp_
         run(tiny_lm, questions, out, methods=["ar"], temperature=0.9)
 
 
+def test_exact_mode_follows_the_targets_dtype(questions, tmp_path):
+    """--exact's default (auto): a bfloat16 target on the CPU runs in exact mode, recorded and reported."""
+    lm = tiny_llama(seed=3)
+    lm.model.to(torch.bfloat16)
+    out = tmp_path / "run"
+    run(lm, questions, out, methods=["ar", "prompt-lookup"])
+    info = json.loads((out / "run.json").read_text())
+    assert info["exact"] == "auto" and info["exact_mode"] is True
+    assert "exact mode (row-invariant target passes)" in (out / "report.md").read_text()
+    summary = json.loads((out / "metrics.json").read_text())
+    loss = summary["methods"]["prompt-lookup"]["overall"]["lossless"]
+    assert loss["identical"] == loss["compared"] == 4
+
+
 def _spec_bench_speedup(path, base_path):
     """Spec-Bench evaluation/speed.py's formula (with new_tokens for the baseline's tokens too)."""
     def speeds(p):

@@ -159,3 +159,18 @@ def test_every_lossless_method_equals_exact_ar_in_bfloat16(target, draft, method
         assert got.token_ids == want, f"prompt {seed}"
         drafted += got.stats.accepted_tokens
     assert drafted > 0  # drafts were accepted, so multi-row passes were exercised
+
+
+def test_exact_auto_is_on_for_half_precision_on_the_cpu_only(target):
+    """The default, exact="auto": on for this bfloat16 target; off in float32; True/False as given."""
+    from verispec.engine.exact import resolve
+
+    assert SpeculativeGenerator(target, method="ar").exact is True
+    assert resolve("auto", tiny_llama(vocab=VOCAB).model) is False  # float32
+    assert SpeculativeGenerator(target, method="ar", exact=False).exact is False
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        SpeculativeGenerator(target, method="ar", exact="yes")
+    # and by default a speculative method's bf16 output is exact ar's
+    prompt = repetitive(3)
+    want = SpeculativeGenerator(target, method="ar").generate(prompt, max_new_tokens=24).token_ids
+    assert SpeculativeGenerator(target, method="prompt-lookup").generate(prompt, max_new_tokens=24).token_ids == want

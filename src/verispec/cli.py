@@ -55,9 +55,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device", default="auto")
-    p.add_argument("--exact", action="store_true",
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default="auto",
                    help="row-invariant target passes: in bfloat16/float16 too the output is token for token that of "
-                        "(exact) plain decoding; costs some speed (see README)")
+                        "(exact) plain decoding; costs some speed (see README). Default: on for bfloat16/float16 "
+                        "on the CPU, off otherwise")
     p.add_argument("--compare", action="store_true", help="also run plain autoregressive decoding and show the speedup")
     p.add_argument("--trace", action="store_true", help="colour each token by how it came (accepted/recovered/bonus)")
     p.add_argument("--trace-html", metavar="FILE", help="write the trace as a self-contained HTML page")
@@ -103,7 +104,7 @@ def cmd_generate(args) -> int:
         print(out.text)
     print_stats(method, out.stats, base.stats if base else None,
                 identical=None if base is None else base.token_ids == out.token_ids,
-                dtype=str(next(lm.model.parameters()).dtype).replace("torch.", ""), exact=args.exact,
+                dtype=str(next(lm.model.parameters()).dtype).replace("torch.", ""), exact=gen.exact,
                 independent_sampling=args.temperature > 0 and gen.rule_name != "gumbel")
     return 0
 

@@ -12,6 +12,7 @@ from .acceptance import choose_rule
 from .config import SamplingConfig
 from .drafters import Drafter, make_drafter, methods as drafter_methods
 from .engine.loop import speculative_decode
+from .engine.exact import resolve as resolve_exact
 from .engine.stats import GenerationStats
 from .engine.target import CachedLM
 from .heads import drafter_dirs
@@ -63,13 +64,14 @@ class SpeculativeGenerator:
     `ar`'s under the same rule and seed; without a seed one is drawn, `output.seed` says which)
     or "typical" (Medusa's typical acceptance, LOSSY; rule_options epsilon, delta).
     exact=True computes every target pass with row-invariant numerics (verispec.engine.exact), so
-    that in bfloat16 too the output is token for token exact-mode `ar`'s.
+    that in bfloat16 too the output is token for token exact-mode `ar`'s; "auto" (the default)
+    turns it on for bfloat16/float16 targets on the CPU (`.exact` says what was chosen).
     """
 
     def __init__(self, lm: Any, method: str | Drafter = AUTO, rule: str = "auto",
-                 rule_options: dict | None = None, exact: bool = False, **method_options: Any):
+                 rule_options: dict | None = None, exact: bool | str = "auto", **method_options: Any):
         self.lm = lm
-        self.exact = bool(exact)
+        self.exact = resolve_exact(exact, lm.model)
         self.rule_name, self.rule_options = rule, dict(rule_options or {})
         # build the rule once now so that a bad name or option fails here, not mid-benchmark
         choose_rule(self._sampling(0.0 if rule == "greedy" else 1.0, 0, 1.0, 0), rule, **self.rule_options)

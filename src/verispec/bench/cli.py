@@ -54,8 +54,9 @@ def add_parser(subparsers) -> None:
                         "(a subset of the target's layers)")
     p.add_argument("--universal-draft", metavar="M", help="draft with another tokenizer for hf-universal "
                                                           "(default: --draft)")
-    p.add_argument("--exact", action="store_true", help="every verispec method (ar included) with exact=True: "
-                                                         "row-invariant target passes, output identical to ar in bf16 too")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default="auto",
+                   help="every verispec method (ar included) with row-invariant target passes (output identical to "
+                        "ar in bf16 too); default: on for bfloat16/float16 on the CPU, off otherwise")
     p.add_argument("--rule", default="auto", choices=["auto", "gumbel"],
                    help="every verispec method's verification rule (ar included): gumbel = coupled seeded sampling, "
                         "whose outputs equal ar's at any temperature (then checked); a lossy rule goes per method, "

@@ -72,6 +72,11 @@ def _speedup_cell(m: dict | None) -> str:
     return cell
 
 
+def exact_mode(run: dict) -> bool:
+    """Whether the run's verispec targets ran in exact mode (older runs recorded only the setting)."""
+    return bool(run.get("exact_mode", run.get("exact") is True))
+
+
 def lossy_methods(run: dict) -> set[str]:
     """Methods run with a lossy verification rule (typical acceptance): flagged wherever shown."""
     return {m for m, opts in (run.get("options") or {}).items() if (opts or {}).get("rule") == "typical"}
@@ -120,7 +125,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += _own_engine_section(summary)
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
-    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), bool(run.get("exact")),
+    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), exact_mode(run),
                                float(run.get("temperature", 0.0) or 0.0) > 0)
     parts += _failures_section(out)
     parts += _trace_section(out, methods, tasks)
@@ -151,7 +156,7 @@ def _settings_line(run: dict, questions: int) -> str:
         value = env.get(key) if key == "dtype" else run.get(key)
         if value is not None:
             bits.append(f"{label} {value}")
-    if run.get("exact"):
+    if exact_mode(run):
         bits.append("exact mode (row-invariant target passes)")
     if run.get("rule") not in (None, "auto"):
         bits.append(f"rule `{run['rule']}` for every verispec method")

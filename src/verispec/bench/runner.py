@@ -24,6 +24,7 @@ import transformers
 
 from ..chat import ChatFormatter
 from ..draft_init import layer_subset
+from ..engine.exact import resolve as resolve_exact
 from ..drafters import drafter_class
 from ..generator import SpeculativeGenerator, methods as verispec_methods
 from ..models import load_model
@@ -63,7 +64,7 @@ class BenchConfig:
     universal_draft: str | None = None  # draft with another tokenizer for hf-universal (default: draft)
     warmup: int = 1  # warm-up generations per method before timing
     traces: bool = True  # trace pages for the first question of each task and method
-    exact: bool = False  # every verispec method (ar included) with exact=True (row-invariant target passes)
+    exact: bool | str = "auto"  # every verispec method's exact setting (ar included): True, False or "auto"
     rule: str = "auto"  # every verispec method's verification rule (ar included); gumbel: outputs comparable when sampling
     command: str | None = None  # the command line, recorded in run.json by the CLI
 
@@ -132,7 +133,7 @@ def base_method(name: str) -> str:
 
 
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
-                 universal_draft: Any | None = None, exact: bool = False, rule: str = "auto"):
+                 universal_draft: Any | None = None, exact: bool | str = "auto", rule: str = "auto"):
     base = base_method(name)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
@@ -146,8 +147,7 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
     chosen = universal_draft if base == "universal" and universal_draft is not None else draft
     if takes_draft(base) and "draft" not in options and chosen is not None:
         options["draft"] = chosen
-    if exact:
-        options.setdefault("exact", True)
+    options.setdefault("exact", exact)
     if rule != "auto":
         options.setdefault("rule", rule)
     return VerispecMethod(base, lm, **options)
@@ -491,6 +491,7 @@ def _write_run(out: Path, config: BenchConfig, previous: dict | None, lm: Any, q
         methods=methods, options=options, baseline=BASELINE, questions_file=str(question_file),
         tasks=list(config.tasks) if config.tasks else None, per_task=config.per_task,
         chat_template=bool(getattr(formatter, "chat_template", False)), environment=environment(lm),
+        exact_mode=resolve_exact(config.exact, lm.model),  # what "auto" chose for this target
         command=config.command or info.get("command"),
         started=info.get("started") or time.strftime("%Y-%m-%d %H:%M:%S"), updated=time.strftime("%Y-%m-%d %H:%M:%S"),
     )

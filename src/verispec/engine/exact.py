@@ -28,7 +28,22 @@ from collections.abc import Iterator
 import torch
 
 NAME = "verispec_exact"
+AUTO = "auto"
 _registered = False
+
+
+def resolve(exact: bool | str, model: torch.nn.Module) -> bool:
+    """Whether a target runs in exact mode. "auto": on in bfloat16/float16 on the CPU, where the
+    cause above is pinned and the mechanism is tested; off in float32 (a pass over n rows
+    rounds differently there too, but 24 mantissa bits make a flipped token rare: the float32
+    identity tests pass without it) and on GPUs (there the linear layers' GEMM kernels change
+    with the row count too, which this attention function does not address: unverified)."""
+    if exact == AUTO:
+        weight = next(model.parameters())
+        return weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
+    if isinstance(exact, bool):
+        return exact
+    raise ValueError(f"exact must be True, False or 'auto', got {exact!r}")
 
 
 def register() -> str:
