@@ -27,7 +27,7 @@ SUPPORTED_TREE_MODELS = ("llama", "qwen2", "gemma3_text", "gemma3")  # each chec
 class CachedLM:
     def __init__(self, model: torch.nn.Module, exact: bool = False):
         """exact: every pass over several tree nodes computes each row as a one-token pass
-        would (see verispec.engine.exact), and the pending prompt is prefilled in a pass of its own."""
+        would (see verispec.engine.exact); the prompt is prefilled as model.generate() does."""
         self.model = model
         self.exact = exact
         self.device = next(model.parameters()).device
@@ -161,16 +161,41 @@ class CachedLM:
         return self._run(ids, logits_to_keep=n + n_aux, position_ids=positions[None].to(self.device), attention_mask=masks)
 
     def _forward_tree_exact(self, tree: TokenTree, pending) -> torch.Tensor:
-        """Exact mode: the pending prompt in a pass of its own (the same pass for every method,
-        `ar` included, with the model's own attention), then the tree with row-by-row attention."""
-        before = None
-        if pending:
-            self._run(torch.tensor(list(pending)), logits_to_keep=1)
-            before = self.features  # the features of the prompt rows (None when not captured)
+        """Exact mode. The pending prompt and the root go in one pass with the model's own
+        attention, exactly as model.generate() prefills (so exact-mode `ar` is generate()'s
+        decoding: that prefill, then one-token passes); the tree's other nodes follow in a pass
+        of their own with row-by-row attention over the now cached root."""
+        if not pending:
+            with exact_attention.attention(self.model):
+                return self._forward_tree(tree, ())
+        base, n_pending = self.cached_len, len(pending)
+        root_logits = self._run(torch.tensor([*pending, tree.tokens[0]]), logits_to_keep=1)
+        self._tree_start, self._fed = base + n_pending, [0]
+        if len(tree) == 1 and not tree.aux_tokens:
+            return root_logits
+        before = self.features  # the prompt's and the root's (None when not captured)
         with exact_attention.attention(self.model):
-            logits = self._forward_tree(tree, ())
+            rest = self._forward_below_root(tree)
         if before is not None and self.features is not None:
             self.features = torch.cat([before, self.features])
+        return torch.cat([root_logits, rest])
+
+    def _forward_below_root(self, tree: TokenTree) -> torch.Tensor:
+        """The tree's nodes but the root, then its auxiliary nodes, in one pass over the cached
+        context and root (the root is the last cached token); logits [n - 1 + n_aux, vocab]."""
+        n, n_aux, start = len(tree), len(tree.aux_tokens), self._tree_start
+        over_tree = torch.zeros(n - 1 + n_aux, n + n_aux, dtype=torch.bool)  # columns: root, nodes, aux
+        over_tree[:n - 1, :n] = tree.ancestor_mask()[1:]
+        if n_aux:
+            over_tree[n - 1:] = tree.aux_visible
+        visible = torch.cat([torch.ones(len(over_tree), start, dtype=torch.bool), over_tree], dim=1)
+        offsets = torch.tensor([*tree.depths, *tree.aux_positions])  # of the root, the nodes, the aux nodes
+        query_pos = start + offsets[1:]
+        masks = self._masks(visible, query_pos, start + offsets)
+        ids = torch.tensor([*tree.tokens[1:], *tree.aux_tokens])
+        logits = self._run(ids, logits_to_keep=len(ids), position_ids=query_pos[None].to(self.device),
+                           attention_mask=masks)
+        self._fed = list(range(n + n_aux))
         return logits
 
     def begin_tree(self, root_cached: bool = False) -> None:
