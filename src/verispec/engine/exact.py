@@ -76,18 +76,40 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if query.shape[0] != 1:
         raise NotImplementedError("exact attention runs one sequence at a time (batch size 1)")
     kwargs.pop("is_causal", None)  # each row is a one-token call: never causal
-    visible = _visible(attention_mask, q_len, key.shape[2], key.device)
     rows = []
-    for r in range(q_len):
-        keys = visible[r].nonzero().flatten()
-        length = int(keys.numel())
-        if length and int(keys[-1]) == length - 1:  # a prefix of the cache: a view, as decoding reads it
-            k, v = key[:, :, :length], value[:, :, :length]
+    for r, keys in enumerate(_row_keys(attention_mask, q_len, key.shape[2], key.device)):
+        if isinstance(keys, int):  # a prefix of the cache: a view, as decoding reads it
+            k, v = key[:, :, :keys], value[:, :, :keys]
         else:
             k, v = key.index_select(2, keys), value.index_select(2, keys)
         out, _ = sdpa(module, query[:, :, r:r + 1], k, v, None, **kwargs)
         rows.append(out)
     return torch.cat(rows, dim=1), None
+
+
+_ROW_KEYS: dict[int, tuple[torch.Tensor | None, int, int, list]] = {}
+
+
+def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> list:
+    """Per query row, the keys it sees: an int n for the cache prefix [0, n), else an index
+    tensor. Every layer of a pass gets the same mask object, so the rows are worked out once
+    per pass (and mask type): the entry keeps its mask alive, so an id is never reused for another."""
+    if mask is None:
+        past = kv_len - q_len
+        return [past + r + 1 for r in range(q_len)]
+    hit = _ROW_KEYS.get(id(mask))
+    if hit is not None and hit[0] is mask and hit[1:3] == (q_len, kv_len):
+        return hit[3]
+    visible = _visible(mask, q_len, kv_len, device)
+    rows = []
+    for r in range(q_len):
+        keys = visible[r].nonzero().flatten()
+        length = int(keys.numel())
+        rows.append(length if length and int(keys[-1]) == length - 1 else keys)
+    if len(_ROW_KEYS) >= 4:  # the masks of the last pass or two (hybrid models have two per pass)
+        _ROW_KEYS.clear()
+    _ROW_KEYS[id(mask)] = (mask, q_len, kv_len, rows)
+    return rows
 
 
 def _visible(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
