@@ -245,6 +245,14 @@ def test_sampling_with_a_seed_repeats(client):
     assert first == second and first
 
 
+def test_gumbel_sampling_gives_the_seeds_tokens_whatever_the_method(client):
+    """rule=gumbel: a sampled answer is a function of the seed, the same from ar and prompt lookup."""
+    kwargs = dict(model=MODEL, prompt=COUNTING, max_tokens=24, temperature=0.9, seed=11)
+    texts = [client.completions.create(**kwargs, extra_body={"verispec": {"method": m, "options": {"rule": "gumbel"}}})
+             .choices[0].text for m in ("ar", "prompt-lookup")]
+    assert texts[0] == texts[1] and texts[0]
+
+
 # --------------------------------------------------------------------------- bad requests
 
 TOO_LONG = 9000  # past smollm2's 8192 positions
