@@ -87,28 +87,23 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     return torch.cat(rows, dim=1), None
 
 
-_ROW_KEYS: dict[int, tuple[torch.Tensor | None, int, int, list]] = {}
-
-
 def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> list:
     """Per query row, the keys it sees: an int n for the cache prefix [0, n), else an index
     tensor. Every layer of a pass gets the same mask object, so the rows are worked out once
-    per pass (and mask type): the entry keeps its mask alive, so an id is never reused for another."""
+    per pass and kept on the mask itself (they live and go with it)."""
     if mask is None:
         past = kv_len - q_len
         return [past + r + 1 for r in range(q_len)]
-    hit = _ROW_KEYS.get(id(mask))
-    if hit is not None and hit[0] is mask and hit[1:3] == (q_len, kv_len):
-        return hit[3]
+    memo = getattr(mask, "_verispec_row_keys", None)
+    if memo is not None and memo[0] == (q_len, kv_len):
+        return memo[1]
     visible = _visible(mask, q_len, kv_len, device)
     rows = []
     for r in range(q_len):
         keys = visible[r].nonzero().flatten()
         length = int(keys.numel())
         rows.append(length if length and int(keys[-1]) == length - 1 else keys)
-    if len(_ROW_KEYS) >= 4:  # the masks of the last pass or two (hybrid models have two per pass)
-        _ROW_KEYS.clear()
-    _ROW_KEYS[id(mask)] = (mask, q_len, kv_len, rows)
+    mask._verispec_row_keys = ((q_len, kv_len), rows)
     return rows
 
 

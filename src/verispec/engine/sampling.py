@@ -60,7 +60,7 @@ def gumbel_noise(seed: int, index: int, vocab: int, device: torch.device | str =
     return _gumbel_cpu(int(seed), int(index), int(vocab)).to(device)
 
 
-@functools.lru_cache(maxsize=256)  # a step reads each index's noise several times (target, draft, tree levels)
+@functools.lru_cache(maxsize=32)  # a step reads each index's noise several times (target, draft, tree levels)
 def _gumbel_cpu(seed: int, index: int, vocab: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(_mix64(seed, index))
     u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_min(1e-300)  # [0, 1): keep log finite
