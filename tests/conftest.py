@@ -179,3 +179,14 @@ def check_typical_acceptance(lm, prompt: list[int], out, temperature: float, eps
     assert not implausible, f"accepted tokens below the typical threshold (position, p, threshold): {implausible}"
     assert out.stats.accepted_tokens == len(accepted)
     return len(accepted)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
+    threads can make each forward pass 100x slower; restore the setting afterwards. A module
+    uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,6 +11,8 @@ from verispec.bench.cli import parse_method_options
 from verispec.bench.runner import BenchConfig, read_answers, run_bench
 from conftest import tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["write a poem about a cat", "now make it rhyme"]},
     {"question_id": 131, "category": "coding", "turns": ["sort a list", "and reverse it"]},
@@ -21,16 +23,6 @@ METHODS = ["ar", "prompt-lookup", "hf-greedy", "hf-prompt-lookup"]
 # Spec-Bench's evaluation/eval.py writes exactly these keys
 SPEC_BENCH_KEYS = {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}
 SPEC_BENCH_CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
-    threads can make each forward pass 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CharFormatter:

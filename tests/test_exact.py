@@ -13,20 +13,14 @@ from verispec.engine.target import CachedLM
 from verispec.engine.tree import TokenTree
 from conftest import tiny_llama, tiny_qwen2
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 96
 
 
 def bf16(lm):
     lm.model.to(torch.bfloat16)
     return lm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -19,15 +19,9 @@ from conftest import tiny_llama
 from stat_power import ALPHA, draws_for_power, pooled_chisquare, slipped_pair
 from test_export import eagle3_dir, medusa_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------ the noise

@@ -10,18 +10,10 @@ from verispec import SpeculativeGenerator
 from verispec import trace
 from conftest import ScriptedDrafter, hf_greedy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = [5, 17, 33, 2, 8, 61, 5, 17]
 SPAN = re.compile(r'<span class="([^"]*)" title="token (\d+) · (\w+) · target pass (\d+)">([^<]*)</span>')
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
-    threads can make each forward pass 100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def scripted_output(tiny, correct: int, k: int = 4, max_new: int = 20):
