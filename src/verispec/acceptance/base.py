@@ -10,7 +10,8 @@ from ..engine.protocols import NextKind, Rule, Verdict
 from ..engine.tree import TokenTree
 from ..options import check_options
 
-__all__ = ["NextKind", "RULES", "Rule", "Verdict", "choose_rule", "end_kind", "register_rule", "rule_class"]
+__all__ = ["NextKind", "RULES", "Rule", "Verdict", "choose_rule", "end_kind", "follow_picks", "register_rule",
+           "rule_class"]
 
 _RULE_CLASSES: dict[str, type] = {}
 
@@ -37,6 +38,19 @@ def end_kind(tree: TokenTree, node: int) -> NextKind:
     if tree.num_drafted == 0:
         return "target"
     return "recovered" if tree.children[node] else "bonus"
+
+
+def follow_picks(tree: TokenTree, pick: Callable[[int, int], int]) -> Verdict:
+    """The walk of a deterministic rule: from the root, accept the child whose token is the
+    target's pick(node, depth) there, until no child has it; that pick is the step's token."""
+    node, accepted = 0, []
+    while True:
+        token = pick(node, len(accepted))
+        match = next((c for c in tree.children[node] if tree.tokens[c] == token), None)
+        if match is None:
+            return Verdict(accepted, token, end_kind(tree, node))
+        accepted.append(match)
+        node = match
 
 
 RULES = ("auto", "greedy", "speculative-sampling", "gumbel", "typical")

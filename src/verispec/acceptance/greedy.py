@@ -5,7 +5,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..engine.tree import TokenTree
-from .base import Verdict, end_kind, register_rule
+from .base import Verdict, end_kind, follow_picks, register_rule
 
 
 @register_rule("greedy")
@@ -23,11 +23,5 @@ class GreedyRule:
             n_ok = (drafts == argmax[:-1]).cumprod(0).sum()
             n_ok, token = torch.stack([n_ok, argmax[n_ok]]).tolist()  # the step's one device sync
             return Verdict(list(range(1, n_ok + 1)), token, end_kind(tree, n_ok))
-        argmax = argmax.tolist()  # one sync; the walk below is over at most depth + 1 nodes
-        node, accepted = 0, []
-        while True:
-            match = next((c for c in tree.children[node] if tree.tokens[c] == argmax[node]), None)
-            if match is None:
-                return Verdict(accepted, argmax[node], end_kind(tree, node))
-            accepted.append(match)
-            node = match
+        argmax = argmax.tolist()  # one sync; the walk is over at most depth + 1 nodes
+        return follow_picks(tree, lambda node, depth: argmax[node])

@@ -15,7 +15,7 @@ import torch
 from ..config import SamplingConfig
 from ..engine.sampling import gumbel_pick, probabilities
 from ..engine.tree import TokenTree
-from .base import Verdict, end_kind, register_rule
+from .base import Verdict, follow_picks, register_rule
 
 
 @register_rule("gumbel")
@@ -31,12 +31,5 @@ class GumbelRule:
         if not sampling.coupled or position is None:
             raise ValueError("the gumbel rule needs coupled sampling (SamplingConfig(coupled=True, seed=...)) "
                              "and the step's position")
-        node, accepted = 0, []
-        while True:
-            p = probabilities(target_logits[node], sampling)
-            pick = gumbel_pick(p, sampling.seed, position + len(accepted))  # the node's depth = len(accepted)
-            match = next((c for c in tree.children[node] if tree.tokens[c] == pick), None)
-            if match is None:
-                return Verdict(accepted, pick, end_kind(tree, node))
-            accepted.append(match)
-            node = match
+        return follow_picks(tree, lambda node, depth: gumbel_pick(
+            probabilities(target_logits[node], sampling), sampling.seed, position + depth))
