@@ -40,7 +40,7 @@ def build_report(out: str | Path) -> Path:
         raise ValueError(f"the answer files in {out} are empty; nothing to report")
     baseline = run.get("baseline", BASELINE)
     # outputs are comparable with ar's when greedy, or sampled with the gumbel rule (a function of the seed)
-    comparable = float(run.get("temperature", 0.0) or 0.0) == 0.0 or run.get("rule") == "gumbel"
+    comparable = not sampled(run) or run.get("rule") == "gumbel"
     summary = metrics.summarize(answers, baseline=baseline, greedy=comparable)
     (out / METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     charts = write_charts(out, summary, answers)
@@ -70,6 +70,11 @@ def _speedup_cell(m: dict | None) -> str:
     if spread is not None:
         cell += f" ({spread[1]:.2f}–{spread[2]:.2f})"
     return cell
+
+
+def sampled(run: dict) -> bool:
+    """Whether the run sampled (temperature > 0) rather than decoding greedily."""
+    return float(run.get("temperature", 0.0) or 0.0) > 0
 
 
 def exact_mode(run: dict) -> bool:
@@ -125,8 +130,7 @@ def render_markdown(out: Path, run: dict, summary: dict, charts: dict[str, str])
     parts += _own_engine_section(summary)
     parts += _acceptance_section(methods)
     parts += _time_section(methods, summary["baseline"])
-    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), exact_mode(run),
-                               float(run.get("temperature", 0.0) or 0.0) > 0)
+    parts += _lossless_section(summary, (run.get("environment") or {}).get("dtype"), exact_mode(run), sampled(run))
     parts += _failures_section(out)
     parts += _trace_section(out, methods, tasks)
     if charts:
@@ -252,7 +256,7 @@ def _failures_section(out: Path) -> list[str]:
 
 
 def _lossless_section(summary: dict, dtype: str | None = None, exact: bool = False, gumbel: bool = False) -> list[str]:
-    """gumbel: a sampled run under the gumbel rule, whose outputs are compared like greedy ones."""
+    """gumbel: a sampled run whose outputs are compared all the same (only the gumbel rule's are)."""
     if not summary["baseline"]:
         return []
     if not summary["greedy"]:

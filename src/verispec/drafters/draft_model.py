@@ -101,7 +101,7 @@ class DraftModel(Drafter):
         expand = self.lm.feed_nodes
         if self.dynamic:
             tree = grow_dynamic(ctx.tokens[-1], root_logits, expand, ctx.max_depth, self.depth, self.top_k, self.budget,
-                                ctx.sampling, len(ctx.tokens))
+                                sampling=ctx.sampling, start=len(ctx.tokens))
         else:
             tree = grow_static(ctx.tokens[-1], root_logits, self.shape, expand, ctx.sampling, ctx.rng,
                                ctx.max_depth, self.children, start=len(ctx.tokens))

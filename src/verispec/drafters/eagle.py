@@ -80,7 +80,7 @@ class EagleDrafter(Drafter):
         self.lm.begin_tree(root_cached=True)
         if self.dynamic:
             tree = grow_dynamic(ctx.tokens[-1], root_logits, self._expand, ctx.max_depth, self.depth, self.top_k,
-                                self.budget, ctx.sampling, len(ctx.tokens))
+                                self.budget, sampling=ctx.sampling, start=len(ctx.tokens))
         else:
             tree = grow_static(ctx.tokens[-1], root_logits, self.shape, self._expand, ctx.sampling, ctx.rng,
                                ctx.max_depth, self.children, start=len(ctx.tokens))

@@ -115,16 +115,14 @@ def _fill_children(node, kid_nodes, ranks, logits, tokens, qs, sampling, rng, mo
 
 def grow_dynamic(
     root: int, root_logits: torch.Tensor, expand: Expand, max_depth: int, depth: int, top_k: int, budget: int,
-    sampling: SamplingConfig | None = None, start: int | None = None,
+    *, sampling: SamplingConfig, start: int,
 ) -> TokenTree:
     """EAGLE-2 tree: score = cumulative draft log-probability; expand the best top_k per level.
     The tree carries each node's score (TokenTree.scores) for drafters that merge trees.
-    Under coupled sampling (then `start`, the sequence index of the root's children, is needed)
-    a level's log-probabilities are those of the perturbed scores log q + g of its index: the
-    target picks by them."""
-    coupled = sampling is not None and sampling.coupled and not sampling.greedy
-    if coupled and start is None:
-        raise ValueError("grow_dynamic under coupled sampling needs start (the root's children's sequence index)")
+    start: the sequence index of the root's children. Under coupled sampling a level's
+    log-probabilities are those of the perturbed scores log q + g of its index: the target
+    picks by them."""
+    coupled = sampling.coupled and not sampling.greedy
     tokens, parents, scores = [root], [-1], [0.0]
     frontier, frontier_scores, frontier_logits = [0], torch.zeros(1, dtype=torch.float64), root_logits[None]
     levels = min(depth, max_depth)

@@ -17,8 +17,8 @@ a one-token pass at that position. Nothing of the model's code is copied or patc
 
 Scope: batch size 1 (verispec's loop); any model whose attention goes through
 transformers' attention interface (Llama, Qwen2, Gemma-3: the tree-checked models). The
-prompt is prefilled in a pass of its own, shared by every method (CachedLM does that in
-exact mode), so only draft verification pays for the row-by-row attention.
+prompt and the first root are prefilled with the model's own attention, as model.generate()
+does (CachedLM in exact mode), so only draft verification pays for the row-by-row attention.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         raise NotImplementedError("exact attention runs one sequence at a time (batch size 1)")
     kwargs.pop("is_causal", None)  # each row is a one-token call: never causal
     rows = []
-    for r, keys in enumerate(_row_keys(attention_mask, q_len, key.shape[2], key.device)):
+    for r, keys in enumerate(_row_keys(attention_mask, q_len, key.shape[2])):
         if isinstance(keys, int):  # a prefix of the cache: a view, as decoding reads it
             k, v = key[:, :, :keys], value[:, :, :keys]
         else:
@@ -87,7 +87,7 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     return torch.cat(rows, dim=1), None
 
 
-def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> list:
+def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int) -> list:
     """Per query row, the keys it sees: an int n for the cache prefix [0, n), else an index
     tensor. Every layer of a pass gets the same mask object, so the rows are worked out once
     per pass and kept on the mask itself (they live and go with it)."""
@@ -97,7 +97,7 @@ def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> lis
     memo = getattr(mask, "_verispec_row_keys", None)
     if memo is not None and memo[0] == (q_len, kv_len):
         return memo[1]
-    visible = _visible(mask, q_len, kv_len, device)
+    visible = _visible(mask, kv_len)
     rows = []
     for r in range(q_len):
         keys = visible[r].nonzero().flatten()
@@ -107,11 +107,8 @@ def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> lis
     return rows
 
 
-def _visible(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """[q, kv] bool: which keys each query row may see (mask None: causal over the cache)."""
-    if mask is None:
-        past = kv_len - q_len
-        return torch.arange(kv_len, device=device)[None] <= past + torch.arange(q_len, device=device)[:, None]
+def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[q, kv] bool: which keys each query row may see."""
     m = mask[0, 0] if mask.dim() == 4 else mask
     m = m[:, :kv_len]
     return m if m.dtype == torch.bool else m == 0
