@@ -4,9 +4,16 @@ transformers' heuristic schedule grows the length by 2 after a fully accepted dr
 shrinks it by 1 otherwise. This picks it instead from a model of the step: with per-token
 acceptance rate a (the draft's token i is kept given tokens < i were), a chain of k yields
 (1 - a^(k+1)) / (1 - a) tokens per target pass (the accepted ones plus the target's own),
-and costs k draft passes plus one target pass. The length with the most tokens per second
-wins. a, the draft pass time and the target pass time are running estimates (exponentially
-weighted, so a change of content, say from prose to code, moves them within a few steps).
+and costs k draft passes plus one target pass over k + 1 tokens. The length with the most
+tokens per second wins, k = 0 (no draft: a plain decoding step) included.
+
+The target's pass is not one cost: on a memory-bound device (a GPU, an avx512_bf16 CPU) a
+pass over 8 tokens costs about what a pass over 1 does, on a compute-bound one (bf16 on an
+AVX2 CPU, exact mode's row-by-row attention) several times more. So its time is fitted
+online as t(k) = a + b * k (`PassCost`); drafting then switches itself off where it cannot
+pay, and never falls far below plain decoding. Acceptance, the draft pass time and the
+fit are running estimates (exponentially weighted, so a change of content, say from prose
+to code, moves them within a few steps).
 """
 from __future__ import annotations
 
@@ -20,29 +27,106 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def best_length(alpha: float, draft_s: float, target_s: float, k_max: int) -> int:
-    """The k in 1..k_max with the most expected tokens per second."""
-    return max(range(1, k_max + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft_s + target_s))
+def best_length(alpha: float, draft_s: float, target_s, k_max: int, k_min: int = 1) -> int:
+    """The k in k_min..k_max with the most expected tokens per second. target_s: a pass's time,
+    one number for every k or a function of k (the pass then verifies k drafted tokens)."""
+    cost = target_s if callable(target_s) else (lambda k: target_s)
+    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft_s + cost(k)))
+
+
+class PassCost:
+    """Online weighted least squares of a pass's time over its drafted tokens: t = a + b * n.
+
+    Until the observed n spread enough to tell the slope, it is pulled toward a prior (a pass
+    over 10 drafted tokens costing twice a one-token pass: between a memory-bound device and
+    this project's compute-bound CPU), with the weight of a few observations."""
+
+    PRIOR_SLOPE = 0.1  # of the mean observed time, per drafted token
+    PRIOR_WEIGHT = 4.0  # in units of n^2 spread
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self.w = self.sn = self.st = self.snn = self.snt = 0.0
+
+    def add(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self.w, self.sn, self.st = d * self.w + 1, d * self.sn + n, d * self.st + seconds
+        self.snn, self.snt = d * self.snn + n * n, d * self.snt + n * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.w > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b): the intercept and the per-token slope, b >= 0."""
+        mean_n, mean_t = self.sn / self.w, self.st / self.w
+        spread = self.snn - self.w * mean_n ** 2  # weighted sum of squared deviations of n
+        cov = self.snt - self.w * mean_n * mean_t
+        prior = self.PRIOR_SLOPE * mean_t
+        slope = max(0.0, (cov + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT))
+        return max(mean_t - slope * mean_n, 1e-9), slope
+
+    def __call__(self, n: int) -> float:
+        a, b = self.coefficients()
+        return a + b * n
+
+
+class Acceptance:
+    """A geometric model's running counts: each kept draft token a success, the first rejection
+    a failure. Forgetting goes per observed token (a memory of about 1 / (1 - token_decay)
+    tokens), so a long accepted run does not outweigh the rejections that follow it."""
+
+    def __init__(self, token_decay: float = 0.95, kept: float = 3.0, lost: float = 2.0):
+        # the pseudo-counts start the rate at 0.6 with the weight of a few tokens
+        self.token_decay, self.kept, self.lost = token_decay, kept, lost
+
+    @property
+    def rate(self) -> float:
+        return self.kept / (self.kept + self.lost)
+
+    def add(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        rejected = 1 if accepted < drafted else 0
+        forget = self.token_decay ** (accepted + rejected)
+        self.kept = forget * self.kept + accepted
+        self.lost = forget * self.lost + rejected
 
 
 class AdaptiveLength:
-    """Running estimates of acceptance and costs; `next()` is the next draft length."""
+    """Running estimates of acceptance and costs; `next()` is the next draft length.
 
-    def __init__(self, k_start: int = 4, k_max: int = 12, decay: float = 0.9, token_decay: float = 0.95):
-        # decay: per step, for the pass times; token_decay: per observed draft token, for the
-        # acceptance (a memory of about 20 tokens)
-        self.k, self.k_max, self.decay, self.token_decay = k_start, k_max, decay, token_decay
-        # pseudo-counts start the acceptance at 0.6 with the weight of a few tokens
-        self.kept, self.lost = 3.0, 2.0
-        self.draft_s: float | None = None
-        self.target_s: float | None = None
+    Call order per step: next(), drafted() (after drafting, before the target's pass),
+    verified() (after it). The first step's pass also prefills the prompt, so its time is
+    not taken for a pass's. k_min = 0 lets the policy stop drafting; then every
+    `probe_every` steps it drafts `k_probe` tokens anyway, so that the acceptance it would
+    need to start again stays measured (None: never; for a drafter that scores the draft it
+    did not propose for free, as prompt lookup does)."""
+
+    def __init__(self, k_start: int = 4, k_max: int = 12, decay: float = 0.9, token_decay: float = 0.95,
+                 k_min: int = 0, probe_every: int | None = 8, k_probe: int = 2):
+        self.k, self.k_max, self.k_min, self.decay = k_start, k_max, k_min, decay
+        self.probe_every, self.k_probe = probe_every, min(k_probe, k_max)
+        self.acceptance = Acceptance(token_decay)
+        self.cost = PassCost()
+        self.draft_s: float | None = None  # one draft pass; None: not measured (or free)
         self._proposed_at: float | None = None
+        self._steps = 0
+        self._idle = 0  # steps in a row at k = 0
 
-    def next(self) -> int:
-        if self.draft_s is not None and self.target_s is not None:
-            alpha = self.kept / (self.kept + self.lost)
-            self.k = best_length(alpha, self.draft_s, self.target_s, self.k_max)
-        return self.k
+    def next(self, alpha: float | None = None) -> int:
+        """The next length; alpha: this step's acceptance when the drafter keeps its own estimate."""
+        if self.cost.known:
+            rate = self.acceptance.rate if alpha is None else alpha
+            self.k = best_length(rate, self.draft_s or 0.0, self.cost, self.k_max, self.k_min)
+        if self.k > 0 or self.probe_every is None:
+            self._idle = 0
+            return self.k
+        self._idle += 1
+        if self._idle < self.probe_every:
+            return 0
+        self._idle = 0
+        return self.k_probe
 
     def drafted(self, n_passes: int, seconds: float) -> None:
         """The draft spent `seconds` on `n_passes` one-token passes (the catch-up excluded)."""
@@ -50,20 +134,16 @@ class AdaptiveLength:
             self.draft_s = self._ewma(self.draft_s, seconds / n_passes)
         self._proposed_at = time.perf_counter()
 
-    def verified(self, drafted: int, accepted: int) -> None:
-        """The target kept `accepted` of `drafted` chain tokens; the time since the proposal is
-        the target's pass (and verification)."""
+    def verified(self, drafted: int, accepted: int | None = None) -> None:
+        """The target's pass verified `drafted` chain tokens (the time since drafted() is that pass
+        and its verification) and kept `accepted` of them (None: the drafter keeps its own count)."""
         if self._proposed_at is not None:
-            self.target_s = self._ewma(self.target_s, time.perf_counter() - self._proposed_at)
+            if self._steps:  # the first pass prefilled the prompt too
+                self.cost.add(drafted, time.perf_counter() - self._proposed_at)
+            self._steps += 1
             self._proposed_at = None
-        if drafted:
-            # a geometric model's counts: each kept token a success, the first rejection a
-            # failure; forgetting goes per observed token, so a long accepted run does not
-            # outweigh the rejections that follow it
-            rejected = 1 if accepted < drafted else 0
-            forget = self.token_decay ** (accepted + rejected)
-            self.kept = forget * self.kept + accepted
-            self.lost = forget * self.lost + rejected
+        if accepted is not None:
+            self.acceptance.add(drafted, accepted)
 
     def _ewma(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new

@@ -31,8 +31,9 @@ def check_same_vocabulary(target, draft) -> None:
 
 @register("draft-model")
 class DraftModel(Drafter):
-    """Options: k (chain length, or "auto": chosen each step from the observed acceptance and
-    the measured draft and target pass times, up to k_max; see draft_length); tree = None (a chain), a static shape as a list of rank
+    """Options: k (chain length, or "auto": chosen each step from the observed acceptance, the
+    measured draft pass time and the target's pass time fitted over the draft length, from 0
+    (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain), a static shape as a list of rank
     paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
     siblings are chosen when sampling: "topk" (deterministic), "sample" (with replacement),
     "sample-unique" (without replacement)."""
@@ -72,6 +73,9 @@ class DraftModel(Drafter):
         if self.shape is not None or self.dynamic:
             return self._propose_tree(ctx)
         k = min(self.adaptive.next() if self.adaptive else self.k, ctx.max_depth)
+        if k == 0:  # drafting does not pay now: a plain step (the draft's cache catches up later)
+            self.adaptive.drafted(0, 0.0)
+            return TokenTree.chain(ctx.tokens[-1])
         logits = self._catch_up(ctx.tokens)
         started = time.perf_counter()
         drafts, qs = [], []

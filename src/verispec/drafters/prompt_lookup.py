@@ -1,6 +1,12 @@
 """`prompt-lookup`: draft the continuation of the latest earlier occurrence of the context's
 last n-gram (Saxena 2023, prompt lookup decoding). Drafts carry no distribution (one-hot q).
 With tree_width > 1 the continuations of several matches are merged into a token tree.
+With k="auto" a chain's length is chosen each step (drafters.draft_length): from the
+acceptance observed for matches of the same n-gram length, which predicts a draft far better
+than one rate for all (a 3-gram match continues the text much more often than a 1-gram one),
+and from the target's pass time fitted over the draft length. Drafting is free, so the
+continuation not drafted is still scored against the tokens the target then commits: the
+estimates keep learning while the policy drafts little or nothing.
 """
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import numpy as np
 
 from ..engine.tree import TokenTree
 from .base import DraftContext, Drafter, register
+from .draft_length import Acceptance, AdaptiveLength
 from .ngram_tree import continuation_trie
 
 
@@ -19,8 +26,13 @@ def find_continuations(tokens: list[int] | np.ndarray, k: int, max_ngram: int, m
     recent match first, since recent text predicts the next tokens best. Shorter n-grams only
     add matches while fewer than max_matches were found (a start already found is not repeated).
     """
+    return [cont for _, cont in _matches(tokens, k, max_ngram, min_ngram, max_matches)]
+
+
+def _matches(tokens, k: int, max_ngram: int, min_ngram: int, max_matches: int) -> list[tuple[int, list[int]]]:
+    """find_continuations' matches as (n-gram length, continuation)."""
     seq = np.asarray(tokens, dtype=np.int64)
-    found: list[list[int]] = []
+    found: list[tuple[int, list[int]]] = []
     starts: set[int] = set()
     for n in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
         suffix = seq[-n:]
@@ -29,7 +41,7 @@ def find_continuations(tokens: list[int] | np.ndarray, k: int, max_ngram: int, m
         for start in (hits[::-1] + n).tolist():
             if start not in starts:
                 starts.add(start)
-                found.append(seq[start:start + k].tolist())
+                found.append((n, seq[start:start + k].tolist()))
                 if len(found) == max_matches:
                     return found
     return found
@@ -43,23 +55,57 @@ def find_continuation(tokens: list[int] | np.ndarray, k: int, max_ngram: int, mi
 
 @register("prompt-lookup")
 class PromptLookup(Drafter):
-    """Options: k (draft length), max_ngram / min_ngram (suffix n-gram sizes tried), tree_width
-    (1: a chain from the best match; more: a trie of up to that many matches' continuations),
-    budget (drafted nodes of such a tree)."""
+    """Options: k (draft length, or "auto": chosen each step, 0 included, up to k_max; see the
+    module's doc), max_ngram / min_ngram (suffix n-gram sizes tried), tree_width (1: a chain
+    from the best match; more: a trie of up to that many matches' continuations), budget
+    (drafted nodes of such a tree)."""
 
-    def __init__(self, target, k: int = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1,
-                 budget: int = 32):
-        if not (1 <= min_ngram <= max_ngram) or k < 1 or tree_width < 1 or budget < 1:
-            raise ValueError(f"prompt-lookup needs k, tree_width, budget >= 1 and 1 <= min_ngram <= max_ngram (got k={k}, "
-                             f"min_ngram={min_ngram}, max_ngram={max_ngram}, tree_width={tree_width}, budget={budget})")
+    def __init__(self, target, k: int | str = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1,
+                 budget: int = 32, k_max: int = 10):
+        auto = k == "auto"
+        if auto:
+            k = k_max
+        if isinstance(k, str) or not (1 <= min_ngram <= max_ngram) or k < 1 or tree_width < 1 or budget < 1:
+            raise ValueError(f"prompt-lookup needs k (an integer or 'auto'), k_max, tree_width, budget >= 1 and "
+                             f"1 <= min_ngram <= max_ngram (got k={k!r}, k_max={k_max}, min_ngram={min_ngram}, "
+                             f"max_ngram={max_ngram}, tree_width={tree_width}, budget={budget})")
+        if auto and tree_width > 1:
+            raise ValueError("prompt-lookup's k='auto' chooses a chain's length; with tree_width > 1 give k an integer")
         self.k, self.max_ngram, self.min_ngram = int(k), int(max_ngram), int(min_ngram)
         self.tree_width, self.budget = int(tree_width), int(budget)
+        self.adaptive = AdaptiveLength(k_start=min(4, self.k), k_max=self.k, probe_every=None) if auto else None
+        self._by_ngram: dict[int, Acceptance] = {}
+        self._step: tuple[int, list[int], int] | None = None  # this step's (n-gram length, continuation, drafted)
+
+    def begin(self, prompt: list[int]) -> None:
+        self._step = None
 
     def propose(self, ctx: DraftContext) -> TokenTree:
         k = min(self.k, ctx.max_depth)
         if k <= 0:
             return TokenTree.chain(ctx.tokens[-1])
-        if self.tree_width == 1:
-            return TokenTree.chain(ctx.tokens[-1], find_continuation(ctx.tokens, k, self.max_ngram, self.min_ngram))
-        found = find_continuations(ctx.tokens, k, self.max_ngram, self.min_ngram, self.tree_width)
-        return continuation_trie(ctx.tokens[-1], found, self.budget, k)
+        if self.tree_width > 1:
+            found = find_continuations(ctx.tokens, k, self.max_ngram, self.min_ngram, self.tree_width)
+            return continuation_trie(ctx.tokens[-1], found, self.budget, k)
+        matches = _matches(ctx.tokens, k, self.max_ngram, self.min_ngram, 1)
+        if self.adaptive is None:
+            return TokenTree.chain(ctx.tokens[-1], matches[0][1] if matches else [])
+        n, continuation = matches[0] if matches else (0, [])
+        drafted = continuation[:self.adaptive.next(self._acceptance(n).rate)] if continuation else []
+        self._step = (n, continuation, len(drafted))
+        self.adaptive.drafted(0, 0.0)
+        return TokenTree.chain(ctx.tokens[-1], drafted)
+
+    def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
+        if self.adaptive is None or self._step is None:
+            return
+        n, continuation, drafted = self._step
+        self.adaptive.verified(drafted)
+        # the whole continuation against what was committed: the drafted part's verdict, and
+        # for free whether the next undrafted token would have been kept too
+        seen = min(len(continuation), len(new_tokens))
+        kept = next((i for i in range(seen) if continuation[i] != new_tokens[i]), seen)
+        self._acceptance(n).add(seen, kept)
+
+    def _acceptance(self, n: int) -> Acceptance:
+        return self._by_ngram.setdefault(n, Acceptance())

@@ -15,6 +15,16 @@ may see, gathered in cache order (the context, then its ancestors, as the cache 
 would hold them during decoding) and with no mask: the same call, on the same numbers, as
 a one-token pass at that position. Nothing of the model's code is copied or patched.
 
+Linear layers. Where bf16/fp16 matrix products go through oneDNN (CPUs with avx512_bf16 or
+AMX), a one-row product takes another kernel (a GEMV) than a product over 2 or more rows,
+whose row results are the same for every row count (checked for every layer shape of the
+zoo's models, 2..39 rows). There, in exact mode, a one-row linear gets a zero row added, so
+that decoding and verification compute every row with the same kernel (`row_invariant_linears`).
+On other CPUs (ATen's own bf16 kernels, AVX2) the one-row product already is a row of the
+many-row one, nothing is added, and exact-mode `ar` is model.generate()'s decoding bit for
+bit; on oneDNN machines it is decoding with two-row linears, which can differ from
+generate() in bf16 as any change of kernel can (measured: see the README).
+
 Scope: batch size 1 (verispec's loop); any model whose attention goes through
 transformers' attention interface (Llama, Qwen2, Gemma-3: the tree-checked models). The
 prompt and the first root are prefilled with the model's own attention, as model.generate()
@@ -24,8 +34,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from collections.abc import Iterator
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as nn_hooks
 
 NAME = "verispec_exact"
 AUTO = "auto"
@@ -116,13 +129,80 @@ def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 @contextmanager
 def attention(model) -> Iterator[None]:
-    """Run `model` with the exact attention inside the block. transformers' attention layers
-    and mask builders read config._attn_implementation at every forward, so setting it is
-    enough; the previous value comes back after."""
+    """Run `model` with the exact attention (and row-invariant linears) inside the block.
+    transformers' attention layers and mask builders read config._attn_implementation at
+    every forward, so setting it is enough; the previous value comes back after."""
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = register()
     try:
-        yield
+        with row_invariant_linears(model):
+            yield
     finally:
         config._attn_implementation = before
+
+
+@lru_cache(maxsize=None)
+def one_row_kernel_differs(dtype: torch.dtype) -> bool:
+    """Whether this machine multiplies one row by another kernel than several rows, in dtype:
+    the oneDNN route's capability check, and a probe of the two on a layer-sized product (it
+    catches a route the check does not know of)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        if getattr(torch.ops.mkldnn, check)():
+            return True
+    except (AttributeError, RuntimeError):  # a torch without the check: the probe decides
+        pass
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(512, 4096, generator=gen) / 64).to(dtype)
+    for _ in range(4):
+        x = torch.randn(2, 4096, generator=gen).to(dtype)
+        if not torch.equal(F.linear(x[:1], weight), F.linear(x, weight)[:1]):
+            return True
+    return False
+
+
+class _TwoRowLinears:
+    """While alive: every nn.Linear that gets a one-row input computes it as the first row of a
+    two-row product (a zero row added, its output row dropped). Global module hooks, so that
+    entering and leaving costs two registrations, not two per layer."""
+
+    def __init__(self):
+        self._padded: set[int] = set()  # the modules whose running forward got the added row
+        self._handles = (nn_hooks.register_module_forward_pre_hook(self._pad),
+                         nn_hooks.register_module_forward_hook(self._unpad))
+
+    def _pad(self, module, args):
+        if not isinstance(module, torch.nn.Linear):
+            return None
+        x = args[0]
+        if x.dim() < 2 or x.numel() != x.shape[-1]:
+            return None
+        self._padded.add(id(module))
+        return (torch.cat([x, torch.zeros_like(x)], dim=-2), *args[1:])
+
+    def _unpad(self, module, args, output):
+        if id(module) not in self._padded:
+            return None
+        self._padded.discard(id(module))
+        return output[..., :1, :]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def row_invariant_linears(model) -> Iterator[None]:
+    """Inside the block, one-row linears of `model`'s dtype are two-row products where this
+    machine's one-row kernel differs (one_row_kernel_differs); elsewhere nothing changes."""
+    if not one_row_kernel_differs(next(model.parameters()).dtype):
+        yield
+        return
+    hooks = _TwoRowLinears()
+    try:
+        yield
+    finally:
+        hooks.remove()
