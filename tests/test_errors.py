@@ -94,7 +94,7 @@ def test_compare_explains_reduced_precision_differences(capsys):
 # ------------------------------------------------------------------ option values (CLI --option / --rule-option)
 
 @pytest.mark.parametrize("method,options,message", [
-    ("prompt-lookup", {"k": "abc"}, r"method 'prompt-lookup': option k='abc' is not valid: k takes an integer"),
+    ("prompt-lookup", {"k": "abc"}, r"method 'prompt-lookup': option k='abc' is not valid: k takes an integer or one of 'auto'"),
     ("prompt-lookup", {"k": 2.5}, r"option k=2.5 .* k takes an integer"),
     ("prompt-lookup", {"max_ngram": True}, r"option max_ngram=True .* takes an integer"),
     ("lookahead", {"W": 1.5}, r"method 'lookahead': option W=1.5 .* W takes an integer"),

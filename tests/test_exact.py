@@ -182,3 +182,26 @@ def test_exact_auto_is_on_for_half_precision_on_the_cpu_only(target):
     prompt = repetitive(3)
     want = SpeculativeGenerator(target, method="ar").generate(prompt, max_new_tokens=24).token_ids
     assert SpeculativeGenerator(target, method="prompt-lookup").generate(prompt, max_new_tokens=24).token_ids == want
+
+
+def test_one_row_linears_compute_as_rows_of_many_row_products():
+    """Where this machine's one-row bf16 product takes another kernel (oneDNN's GEMV on
+    avx512_bf16/AMX CPUs), exact passes compute it as a row of a two-row product; elsewhere the
+    one-row product already is one. Either way, inside exact mode, row 0 alone equals row 0 of
+    a product over more rows (a reduction over 4096 like an MLP's down projection, where the
+    kernels' orders differ)."""
+    from verispec.engine.exact import row_invariant_linears
+
+    gen = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(4096, 256, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(256, 4096, generator=gen) / 64)
+    model = torch.nn.Sequential(layer)
+    for trial in range(8):
+        x = torch.randn(1, 6, 4096, generator=gen).to(torch.bfloat16)
+        with torch.no_grad(), row_invariant_linears(model):
+            alone = model(x[:, :1])
+            together = model(x)
+        assert alone.shape == (1, 1, 256)
+        assert torch.equal(alone[0, 0], together[0, 0]), f"trial {trial}"
+

@@ -53,5 +53,6 @@ def test_pyproject_ships_the_assets():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     setuptools = config["tool"]["setuptools"]
     assert setuptools["package-data"]["verispec.assets"] == ["drafters/**/*", "spec_bench/*"]
-    assert "accelerate" not in " ".join(config["project"]["dependencies"])
+    # transformers' GGUF loader (the zoo's one-time conversion) refuses to run without accelerate
+    assert any(dep.startswith("accelerate") for dep in config["project"]["dependencies"])
     assert not (REPO / "drafters").exists()  # one copy, inside the package

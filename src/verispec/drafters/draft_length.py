@@ -3,8 +3,9 @@
 transformers' heuristic schedule grows the length by 2 after a fully accepted draft and
 shrinks it by 1 otherwise. This picks it instead from a model of the step: with per-token
 acceptance rate a (the draft's token i is kept given tokens < i were), a chain of k yields
-(1 - a^(k+1)) / (1 - a) tokens per target pass (the accepted ones plus the target's own),
-and costs k draft passes plus one target pass over k + 1 tokens. The length with the most
+(1 - a^(k+1)) / (1 - a) tokens per target pass (the accepted ones plus the target's own;
+`Acceptance` keeps a second rate for the first token, since drafts are bursty), and costs k
+draft passes plus one target pass over k + 1 tokens. The length with the most
 tokens per second wins, k = 0 (no draft: a plain decoding step) included.
 
 The target's pass is not one cost: on a memory-bound device (a GPU, an avx512_bf16 CPU) a
@@ -20,18 +21,24 @@ from __future__ import annotations
 import time
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens per pass of a chain of k under per-token acceptance alpha (incl. the bonus token)."""
+def expected_tokens(alpha: float, k: int, first: float | None = None) -> float:
+    """Tokens per pass of a chain of k (incl. the bonus token) when each draft token after an
+    accepted one is kept with probability alpha and the first with probability `first`
+    (default alpha: the geometric model)."""
+    first = alpha if first is None else first
+    if k <= 0:
+        return 1.0
     if alpha >= 1.0:
-        return k + 1.0
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        return 1.0 + first * k
+    return 1.0 + first * (1.0 - alpha ** k) / (1.0 - alpha)
 
 
-def best_length(alpha: float, draft_s: float, target_s, k_max: int, k_min: int = 1) -> int:
+def best_length(alpha: float, draft_s: float, target_s, k_max: int, k_min: int = 1,
+                first: float | None = None) -> int:
     """The k in k_min..k_max with the most expected tokens per second. target_s: a pass's time,
     one number for every k or a function of k (the pass then verifies k drafted tokens)."""
     cost = target_s if callable(target_s) else (lambda k: target_s)
-    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens(alpha, k) / (k * draft_s + cost(k)))
+    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens(alpha, k, first) / (k * draft_s + cost(k)))
 
 
 class PassCost:
@@ -72,25 +79,41 @@ class PassCost:
 
 
 class Acceptance:
-    """A geometric model's running counts: each kept draft token a success, the first rejection
-    a failure. Forgetting goes per observed token (a memory of about 1 / (1 - token_decay)
-    tokens), so a long accepted run does not outweigh the rejections that follow it."""
+    """Running counts of how drafts fare, in two rates: `first`, that a draft's first token is
+    kept, and `rate`, that a token after a kept one is kept too. Drafts are bursty (prompt
+    lookup's first token is kept a third of the time here, the ones after a kept token three
+    times in four): one geometric rate for both would make long drafts look worthless.
+    `rate` forgets per observed token (a memory of about 1 / (1 - token_decay) tokens), so a
+    long accepted run does not outweigh the rejections that follow it; `first` per draft."""
 
-    def __init__(self, token_decay: float = 0.95, kept: float = 3.0, lost: float = 2.0):
-        # the pseudo-counts start the rate at 0.6 with the weight of a few tokens
-        self.token_decay, self.kept, self.lost = token_decay, kept, lost
+    def __init__(self, token_decay: float = 0.95, draft_decay: float = 0.9):
+        # pseudo-counts: both rates start at 0.6, with the weight of a few tokens
+        self.token_decay, self.draft_decay = token_decay, draft_decay
+        self._first = [1.8, 1.2]  # kept, lost
+        self._next = [1.8, 1.2]
+
+    @property
+    def first(self) -> float:
+        return self._first[0] / sum(self._first)
 
     @property
     def rate(self) -> float:
-        return self.kept / (self.kept + self.lost)
+        return self._next[0] / sum(self._next)
 
     def add(self, drafted: int, accepted: int) -> None:
+        """One draft's verdict: `accepted` of its first `drafted` tokens kept (a prefix)."""
         if not drafted:
             return
         rejected = 1 if accepted < drafted else 0
         forget = self.token_decay ** (accepted + rejected)
-        self.kept = forget * self.kept + accepted
-        self.lost = forget * self.lost + rejected
+        self._next[0] *= forget
+        self._next[1] *= forget
+        self._first[0] *= self.draft_decay  # one trial per draft: forgotten per draft
+        self._first[1] *= self.draft_decay
+        self._first[0 if accepted else 1] += 1
+        if accepted:  # tokens 2..: accepted - 1 kept after a kept one, then maybe the rejection
+            self._next[0] += accepted - 1
+            self._next[1] += rejected
 
 
 class AdaptiveLength:
@@ -114,11 +137,11 @@ class AdaptiveLength:
         self._steps = 0
         self._idle = 0  # steps in a row at k = 0
 
-    def next(self, alpha: float | None = None) -> int:
-        """The next length; alpha: this step's acceptance when the drafter keeps its own estimate."""
+    def next(self, acceptance: Acceptance | None = None) -> int:
+        """The next length; acceptance: this step's estimate when the drafter keeps its own."""
         if self.cost.known:
-            rate = self.acceptance.rate if alpha is None else alpha
-            self.k = best_length(rate, self.draft_s or 0.0, self.cost, self.k_max, self.k_min)
+            acc = self.acceptance if acceptance is None else acceptance
+            self.k = best_length(acc.rate, self.draft_s or 0.0, self.cost, self.k_max, self.k_min, acc.first)
         if self.k > 0 or self.probe_every is None:
             self._idle = 0
             return self.k

@@ -10,6 +10,8 @@ estimates keep learning while the policy drafts little or nothing.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from ..engine.tree import TokenTree
@@ -60,7 +62,7 @@ class PromptLookup(Drafter):
     from the best match; more: a trie of up to that many matches' continuations), budget
     (drafted nodes of such a tree)."""
 
-    def __init__(self, target, k: int | str = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1,
+    def __init__(self, target, k: int | Literal["auto"] = 10, max_ngram: int = 3, min_ngram: int = 1, tree_width: int = 1,
                  budget: int = 32, k_max: int = 10):
         auto = k == "auto"
         if auto:
@@ -91,7 +93,7 @@ class PromptLookup(Drafter):
         if self.adaptive is None:
             return TokenTree.chain(ctx.tokens[-1], matches[0][1] if matches else [])
         n, continuation = matches[0] if matches else (0, [])
-        drafted = continuation[:self.adaptive.next(self._acceptance(n).rate)] if continuation else []
+        drafted = continuation[:self.adaptive.next(self._acceptance(n))] if continuation else []
         self._step = (n, continuation, len(drafted))
         self.adaptive.drafted(0, 0.0)
         return TokenTree.chain(ctx.tokens[-1], drafted)
