@@ -84,7 +84,7 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     returns (output [B, q, H, D], None)."""
     sdpa = _sdpa()
     q_len = query.shape[2]
-    if q_len == 1:
+    if q_len == 1 and attention_mask is None:  # a one-token decode: the model's own call
         return sdpa(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise NotImplementedError("exact attention runs one sequence at a time (batch size 1)")
