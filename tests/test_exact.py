@@ -205,3 +205,29 @@ def test_one_row_linears_compute_as_rows_of_many_row_products():
         assert alone.shape == (1, 1, 256)
         assert torch.equal(alone[0, 0], together[0, 0]), f"trial {trial}"
 
+
+
+def test_a_one_row_pass_under_a_mask_is_a_decode_call():
+    """A single draft below the first root is verified in a one-row pass that carries a mask.
+    transformers' sdpa then packs a grouped-query row into a multi-row call (its GQA path
+    without a mask-free kernel), which rounds differently from the decode call: exact attention
+    computes it as the decode call on the keys it sees."""
+    from verispec.engine.exact import exact_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attention(torch.nn.Module):  # what sdpa reads of a Qwen2 attention layer
+        num_key_value_groups = 6
+        is_causal = True
+
+    gen = torch.Generator().manual_seed(4)
+    differ = 0
+    for keys in (300, 700):
+        for _ in range(4):
+            q = torch.randn(1, 12, 1, 128, generator=gen).to(torch.bfloat16)
+            k, v = (torch.randn(1, 2, keys, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+            mask = torch.zeros(1, 1, 1, keys, dtype=torch.bfloat16)  # every key visible
+            decode, _ = sdpa_attention_forward(Attention(), q, k, v, None, scaling=128 ** -0.5)
+            masked, _ = exact_attention(Attention(), q, k, v, mask, scaling=128 ** -0.5)
+            assert torch.equal(masked, decode)
+            differ += not torch.equal(sdpa_attention_forward(Attention(), q, k, v, mask, scaling=128 ** -0.5)[0], decode)
+    assert differ, "the model's own masked call no longer differs: this test would not see the bug"

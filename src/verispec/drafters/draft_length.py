@@ -120,8 +120,8 @@ class AdaptiveLength:
     """Running estimates of acceptance and costs; `next()` is the next draft length.
 
     Call order per step: next(), drafted() (after drafting, before the target's pass),
-    verified() (after it). The first step's pass also prefills the prompt, so its time is
-    not taken for a pass's. Every `explore_every` steps it drafts 2 tokens more than it chose:
+    verified() (after it); begin() at each generation's start. A generation's first pass
+    also prefills the prompt, so its time is not taken for a pass's. Every `explore_every` steps it drafts 2 tokens more than it chose:
     without that, a policy that settled on short drafts would never see how long ones fare
     (the continuation's acceptance, the pass time's slope) and could not come back from an
     early pessimistic estimate. k_min = 0 lets the policy stop drafting; then every
@@ -140,6 +140,11 @@ class AdaptiveLength:
         self._proposed_at: float | None = None
         self._steps = 0
         self._idle = 0  # steps in a row at k = 0
+
+    def begin(self) -> None:
+        """A new generation: its first pass prefills a prompt again (the estimates are kept)."""
+        self._steps = 0
+        self._proposed_at = None
 
     def next(self, acceptance: Acceptance | None = None) -> int:
         """The next length; acceptance: this step's estimate when the drafter keeps its own."""

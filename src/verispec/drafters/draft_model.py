@@ -66,6 +66,8 @@ class DraftModel(Drafter):
     def begin(self, prompt: list[int]) -> None:
         self.lm.reset()
         self.cached = []
+        if self.adaptive:
+            self.adaptive.begin()
 
     def propose(self, ctx: DraftContext) -> TokenTree:
         if ctx.max_depth == 0:

@@ -81,6 +81,8 @@ class PromptLookup(Drafter):
 
     def begin(self, prompt: list[int]) -> None:
         self._step = None
+        if self.adaptive:
+            self.adaptive.begin()
 
     def propose(self, ctx: DraftContext) -> TokenTree:
         k = min(self.k, ctx.max_depth)

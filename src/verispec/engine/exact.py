@@ -4,13 +4,14 @@ Why (scripts/bf16_rows.py shows it op by op): on CPU, in bfloat16, a pass over n
 Llama or Qwen2 differs from n one-token passes first in attention. PyTorch's CPU
 flash-attention kernel multiplies all n query rows at once (Q.K^T and P.V through MKL's
 bf16 GEMM), and MKL's fp32 result for one row depends on how many rows share the call and
-on the key count; linear layers, RMSNorm, rotary and the LM head are row-invariant (ATen's
-own bf16 GEMM). One ulp of difference in an attention output then flips near-tie argmaxes.
+on the key count; RMSNorm and rotary are row-invariant, linear layers and the LM head too on
+AVX2 CPUs (ATen's own bf16 GEMM) but not where oneDNN computes them (below). One ulp of
+difference in an attention output then flips near-tie argmaxes.
 
 The mechanism is transformers' own: an attention function registered under the name
 "verispec_exact" (AttentionInterface, with sdpa's mask builder in AttentionMaskInterface).
-A pass with one query row is handed to the sdpa function unchanged: a one-token decode is
-plain decoding. A pass with n rows becomes n one-row calls, row r over exactly the keys it
+A one-token decode (one query row, no mask) is handed to the sdpa function unchanged. A pass
+with n rows (or one row under a mask: a single draft below the first root) becomes n one-row calls, row r over exactly the keys it
 may see, gathered in cache order (the context, then its ancestors, as the cache of that path
 would hold them during decoding) and with no mask: the same call, on the same numbers, as
 a one-token pass at that position. Nothing of the model's code is copied or patched.
