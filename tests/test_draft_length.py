@@ -23,7 +23,7 @@ def test_pass_cost_fits_intercept_and_slope():
     for n in (0, 3, 10, 1, 7, 0, 5):
         cost.add(n, 0.050 + 0.004 * n)
     a, b = cost.coefficients()
-    # the prior's pull (0.1 of the mean time per token) is small against a spread of n like this
+    # the prior's pull (0.03 of the mean time per token) is small against a spread of n like this
     assert a == pytest.approx(0.050, rel=0.1) and b == pytest.approx(0.004, rel=0.5), (a, b)
     flat = PassCost()
     for _ in range(5):

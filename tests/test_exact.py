@@ -206,7 +206,6 @@ def test_one_row_linears_compute_as_rows_of_many_row_products():
         assert torch.equal(alone[0, 0], together[0, 0]), f"trial {trial}"
 
 
-
 def test_a_one_row_pass_under_a_mask_is_a_decode_call():
     """A single draft below the first root is verified in a one-row pass that carries a mask.
     transformers' sdpa then packs a grouped-query row into a multi-row call (its GQA path

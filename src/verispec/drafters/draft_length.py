@@ -121,10 +121,10 @@ class AdaptiveLength:
 
     Call order per step: next(), drafted() (after drafting, before the target's pass),
     verified() (after it); begin() at each generation's start. A generation's first pass
-    also prefills the prompt, so its time is not taken for a pass's. Every `explore_every` steps it drafts 2 tokens more than it chose:
-    without that, a policy that settled on short drafts would never see how long ones fare
-    (the continuation's acceptance, the pass time's slope) and could not come back from an
-    early pessimistic estimate. k_min = 0 lets the policy stop drafting; then every
+    also prefills the prompt, so its time is not taken for a pass's. Every `explore_every`
+    steps it drafts 2 tokens more than it chose: without that, a policy that settled on short
+    drafts would never see how long ones fare (the continuation's acceptance, the pass
+    time's slope) and could not come back from an early pessimistic estimate. k_min = 0 lets the policy stop drafting; then every
     `probe_every` steps it drafts `k_probe` tokens anyway, so that the acceptance it would
     need to start again stays measured (None: never; for a drafter that scores the draft it
     did not propose for free, as prompt lookup does)."""
@@ -138,12 +138,12 @@ class AdaptiveLength:
         self.cost = PassCost()
         self.draft_s: float | None = None  # one draft pass; None: not measured (or free)
         self._proposed_at: float | None = None
-        self._steps = 0
+        self._prefilled = False  # this generation's first pass (the prompt's prefill) is done
         self._idle = 0  # steps in a row at k = 0
 
     def begin(self) -> None:
         """A new generation: its first pass prefills a prompt again (the estimates are kept)."""
-        self._steps = 0
+        self._prefilled = False
         self._proposed_at = None
 
     def next(self, acceptance: Acceptance | None = None) -> int:
@@ -173,9 +173,9 @@ class AdaptiveLength:
         """The target's pass verified `drafted` chain tokens (the time since drafted() is that pass
         and its verification) and kept `accepted` of them (None: the drafter keeps its own count)."""
         if self._proposed_at is not None:
-            if self._steps:  # the first pass prefilled the prompt too
+            if self._prefilled:  # the first pass prefilled the prompt too: not a pass's time
                 self.cost.add(drafted, time.perf_counter() - self._proposed_at)
-            self._steps += 1
+            self._prefilled = True
             self._proposed_at = None
         if accepted is not None:
             self.acceptance.add(drafted, accepted)

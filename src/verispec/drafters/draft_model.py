@@ -33,8 +33,8 @@ def check_same_vocabulary(target, draft) -> None:
 class DraftModel(Drafter):
     """Options: k (chain length, or "auto": chosen each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
-    (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain), a static shape as a list of rank
-    paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
+    (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
+    a static shape as a list of rank paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
     siblings are chosen when sampling: "topk" (deterministic), "sample" (with replacement),
     "sample-unique" (without replacement)."""
 

@@ -91,9 +91,9 @@ class PromptLookup(Drafter):
         if self.tree_width > 1:
             found = find_continuations(ctx.tokens, k, self.max_ngram, self.min_ngram, self.tree_width)
             return continuation_trie(ctx.tokens[-1], found, self.budget, k)
-        matches = _matches(ctx.tokens, k, self.max_ngram, self.min_ngram, 1)
         if self.adaptive is None:
-            return TokenTree.chain(ctx.tokens[-1], matches[0][1] if matches else [])
+            return TokenTree.chain(ctx.tokens[-1], find_continuation(ctx.tokens, k, self.max_ngram, self.min_ngram))
+        matches = _matches(ctx.tokens, k, self.max_ngram, self.min_ngram, 1)
         n, continuation = matches[0] if matches else (0, [])
         drafted = continuation[:self.adaptive.next(self._acceptance(n))] if continuation else []
         self._step = (n, continuation, len(drafted))

@@ -11,10 +11,10 @@ difference in an attention output then flips near-tie argmaxes.
 The mechanism is transformers' own: an attention function registered under the name
 "verispec_exact" (AttentionInterface, with sdpa's mask builder in AttentionMaskInterface).
 A one-token decode (one query row, no mask) is handed to the sdpa function unchanged. A pass
-with n rows (or one row under a mask: a single draft below the first root) becomes n one-row calls, row r over exactly the keys it
-may see, gathered in cache order (the context, then its ancestors, as the cache of that path
-would hold them during decoding) and with no mask: the same call, on the same numbers, as
-a one-token pass at that position. Nothing of the model's code is copied or patched.
+with n rows (or one row under a mask: a single draft below the first root) becomes n one-row
+calls, row r over exactly the keys it may see, gathered in cache order (the context, then
+its ancestors, as the cache of that path would hold them during decoding) and with no mask:
+the same call, on the same numbers, as a one-token pass at that position. Nothing of the model's code is copied or patched.
 
 Linear layers. Where bf16/fp16 matrix products go through oneDNN (CPUs with avx512_bf16 or
 AMX), a one-row product takes another kernel (a GEMV) than a product over 2 or more rows,
