@@ -188,7 +188,8 @@ BOTTOM = ("verispec.models", "verispec.config", "verispec.compat", "verispec.ass
           "verispec.layers", "verispec.options", "verispec.progress")
 # helpers the drafters use (heads, datastores, calibration files, the chat prompt format):
 # below the drafters, above the engine and the bottom
-HELPERS = ("verispec.heads", "verispec.datastore", "verispec.calibrate", "verispec.chat", "verispec.draft_init")
+HELPERS = ("verispec.heads", "verispec.datastore", "verispec.calibrate", "verispec.chat", "verispec.draft_init",
+           "verispec.quantize")
 
 
 def _in(module: str, layer: tuple[str, ...]) -> bool:
@@ -223,7 +224,7 @@ LAYER_RULES = {
     "drafters and acceptance never import bench, training, cli, serve, generator or the verispec facade":
         (DRAFTING, TOP + GENERATOR, None),
     "models, config, compat (the bottom) import only the bottom": (BOTTOM, None, BOTTOM),
-    "the drafters' helpers (heads, datastore, calibrate, chat, draft_init) import only the engine and the bottom":
+    "the drafters' helpers (heads, datastore, calibrate, chat, draft_init, quantize) import only the engine and the bottom":
         (HELPERS, None, ENGINE + BOTTOM + HELPERS),
     "the generator imports nothing above it": (GENERATOR, TOP, None),
     "bench never imports training or cli": (("verispec.bench",), ("verispec.training", "verispec.cli"), None),

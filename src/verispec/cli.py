@@ -10,6 +10,7 @@ from typing import Any
 import verispec
 
 from . import calibrate, datastore, export, trace
+from .draft_init import load_draft
 from .bench import cli as bench_cli
 from .models import fetch, list_models
 from .serve import cli as serve_cli
@@ -37,7 +38,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local Hugging Face directory")
     p.add_argument("--method", default="auto", help=f"one of: {', '.join(verispec.methods())} (auto: the fastest "
                                                    "lossless method this model has; it says which)")
-    p.add_argument("--draft", help="draft model (zoo name or directory) for draft-model")
+    p.add_argument("--draft", help="draft for draft-model: zoo name or directory, layers:I,J,... (of the target), "
+                                   "int4 / int8 (the target's weight-only quantized copy), int4:M (draft M quantized)")
     p.add_argument("--drafter", metavar="DIR", help="trained heads for medusa / eagle (a 'verispec train' output)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--rule", default="auto",
@@ -71,7 +73,7 @@ def cmd_generate(args) -> int:
     rule_options = parse_options(args.rule_option, "--rule-option")
     lm = verispec.load_model(args.model, dtype=args.dtype, device=args.device)
     if args.draft:
-        options["draft"] = verispec.load_model(args.draft, dtype=args.dtype, device=args.device)
+        options["draft"] = load_draft(args.draft, lm, dtype=args.dtype, device=args.device)
     if args.drafter:
         options["drafter"] = args.drafter
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -1,4 +1,5 @@
-"""Make a same-tokenizer draft model from the target itself: a subset of its layers.
+"""Make a same-tokenizer draft model: from a draft spec (`load_draft`), or from the target
+itself: a subset of its layers (`layer_subset`), or its weight-only quantized copy (`quantize`).
 
 There is often no smaller model sharing the target's tokenizer (SmolLM2-135M is the
 smallest of its family). Keeping a few of the target's decoder layers, with its own
@@ -11,6 +12,29 @@ import copy
 import dataclasses
 
 import torch
+
+from .models import load_model
+from .quantize import MODES as QUANT_MODES, quantized_copy
+
+DRAFT_SPECS = ("a zoo name or HF directory", "layers:I,J,... (those of the target's layers)",
+               "int4 / int8 (the target's weight-only quantized copy)", "int4:M / int8:M (draft M, quantized)")
+
+
+def load_draft(spec: str, lm, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):
+    """The draft a spec names, for target `lm`: a zoo name or HF directory; "layers:0,1,2" (a
+    subset of the target's layers); "int4" / "int8" (the target's own weight-only quantized
+    copy: quantized self-speculation); "int4:M" / "int8:M" (draft M, itself a spec, quantized)."""
+    spec = spec.strip()
+    mode, _, rest = spec.partition(":")
+    if mode in QUANT_MODES:
+        return quantized_copy(load_draft(rest, lm, dtype, device) if rest else lm, mode)
+    if spec.startswith("layers:"):
+        try:
+            layers = [int(x) for x in spec.split(":", 1)[1].split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"draft {spec!r}: use layers:I,J,K with layer indices, e.g. layers:0,1,2,3") from None
+        return layer_subset(lm, layers)
+    return load_model(spec, dtype=dtype, device=device)
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:

@@ -50,8 +50,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up generations per method before timing")
     p.add_argument("--draft", metavar="M",
-                   help="draft model for draft-model, hf-assisted and vllm-draft-model: zoo name, HF directory, or layers:I,J,... "
-                        "(a subset of the target's layers)")
+                   help="draft model for draft-model, hf-assisted and vllm-draft-model: zoo name, HF directory, layers:I,J,... "
+                        "(a subset of the target's layers), int4 / int8 (the target's weight-only quantized copy), "
+                        "int4:M / int8:M (draft M quantized)")
     p.add_argument("--universal-draft", metavar="M", help="draft with another tokenizer for hf-universal "
                                                           "(default: --draft)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default="auto",

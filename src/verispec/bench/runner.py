@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from ..chat import ChatFormatter
-from ..draft_init import layer_subset
+from ..draft_init import load_draft
 from ..engine.exact import resolve as resolve_exact
 from ..drafters import drafter_class
 from ..generator import SpeculativeGenerator, methods as verispec_methods
@@ -132,9 +132,22 @@ def base_method(name: str) -> str:
     return name.partition("@")[0]
 
 
+def _own_draft(spec: Any, lm: Any) -> Any:
+    """A draft given as a method option: a spec (draft_init.load_draft) in the target's dtype
+    and on its device, or an already loaded model."""
+    if not isinstance(spec, str):
+        return spec
+    weights = next(lm.model.parameters())
+    return load_draft(spec, lm, dtype=weights.dtype, device=weights.device)
+
+
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
                  universal_draft: Any | None = None, exact: bool | str = "auto", rule: str = "auto"):
     base = base_method(name)
+    if is_peer(base) or is_vllm_peer(base):
+        options = dict(options)
+        if "draft" in options:  # a labelled variant's own draft (e.g. hf-assisted@int4.draft='int4:M')
+            draft = universal_draft = _own_draft(options.pop("draft"), lm)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
         return HFPeer(base, lm, draft=chosen, **options)
@@ -151,17 +164,6 @@ def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None 
     if rule != "auto":
         options.setdefault("rule", rule)
     return VerispecMethod(base, lm, **options)
-
-
-def load_draft(spec: str, lm: Any, dtype: str, device: str):
-    """A draft model: a zoo name or HF directory, or "layers:0,1,2" for a subset of the target's layers."""
-    if spec.startswith("layers:"):
-        try:
-            layers = [int(x) for x in spec.split(":", 1)[1].split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--draft {spec!r}: use layers:I,J,K with layer indices, e.g. layers:0,1,2,3") from None
-        return layer_subset(lm, layers)
-    return load_model(spec, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- environment

@@ -80,6 +80,9 @@ def vllm_python() -> Path:
 
 def model_path(lm: Any, what: str) -> str:
     """The local Hugging Face directory a loaded model came from (vLLM loads it again from there)."""
+    if getattr(lm.model, "verispec_quantization", None):
+        raise ValueError(f"{what} is a verispec weight-only quantized copy ({lm.name}), which vLLM cannot load "
+                         "from a directory; give vLLM the draft by zoo name or directory")
     path = getattr(lm.model.config, "_name_or_path", "") or getattr(lm.model, "name_or_path", "")
     if not path or not (Path(path) / "config.json").is_file():
         raise ValueError(f"{what} has no local model directory vLLM could load (name_or_path={path!r}); "

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..draft_init import load_draft
 from ..engine.sampling import draw, probabilities
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
@@ -31,7 +32,9 @@ def check_same_vocabulary(target, draft) -> None:
 
 @register("draft-model")
 class DraftModel(Drafter):
-    """Options: k (chain length, or "auto": chosen each step from the observed acceptance, the
+    """Options: draft (a LoadedModel, or a spec for draft_init.load_draft: a zoo name or
+    directory, "layers:0,1,2", "int4" / "int8" (the target's weight-only quantized copy),
+    "int4:NAME"); k (chain length, or "auto": chosen each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
     (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
     a static shape as a list of rank paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
@@ -51,6 +54,9 @@ class DraftModel(Drafter):
         if isinstance(k, str) or k < 1 or depth < 1 or top_k < 1 or budget < 1 or int(k_max) < 1:
             raise ValueError(f"draft-model needs k (an integer or 'auto'), depth, top_k, budget, k_max >= 1 "
                              f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
+        if isinstance(draft, str):  # a draft spec: a zoo name or directory, "int4" (the target's int4 copy), ...
+            draft = load_draft(draft, target, dtype=next(target.model.parameters()).dtype,
+                               device=next(target.model.parameters()).device)
         check_same_vocabulary(target, draft)
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")

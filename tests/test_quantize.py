@@ -1,0 +1,139 @@
+"""Weight-only quantized drafts (verispec.quantize): int4 / int8 linear layers that compute what
+their dequantized weights would, a copy that leaves the model it came from untouched, and
+drafting with them lossless (the target verifies every token)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from verispec import SpeculativeGenerator
+from verispec.draft_init import load_draft
+from verispec.quantize import Int4Linear, Int8Linear, quantize_model, quantized_copy
+from conftest import tiny_llama, tiny_qwen2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+
+
+def _linear(n: int, k: int, dtype: torch.dtype, bias: bool = True, seed: int = 0) -> torch.nn.Linear:
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=gen))
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_int4_kernel_computes_the_product_of_its_dequantized_weights(rows):
+    """The CPU kernel (bf16 activations, packed codes) against a float product with the
+    weights the codes stand for: equal up to bf16 rounding of the result."""
+    layer = _linear(64, 256, torch.bfloat16)
+    q = Int4Linear(layer)
+    assert q.packed is not None  # the kernel path, on the CPU in bf16
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    want = x.float() @ q.dequantized().float().t() + layer.bias.float()
+    got = q(x).float()
+    assert torch.allclose(got, want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("make", [Int4Linear, Int8Linear])
+def test_quantized_weights_stay_near_the_original_ones(make):
+    """4 bits per weight in groups of 32 (scale and offset per group), or 8 bits with a scale per
+    output channel: the dequantized weight is within half a step of the original."""
+    layer = _linear(48, 128, torch.float32)
+    q = make(layer)
+    x = torch.randn(5, 128)
+    err = (q(x) - layer(x)).abs().max()
+    scale = layer(x).abs().max()
+    assert err < (0.2 if make is Int4Linear else 0.02) * scale
+    assert err > 0  # it is quantized, not the same weights
+    if make is Int4Linear:
+        step = (q.dequantized() - layer.weight).abs().max()
+        w = layer.weight.reshape(48, -1, 32)
+        assert step <= ((w.amax(-1) - w.amin(-1)) / 15).max() / 2 + 1e-6
+
+
+def test_float32_layers_take_the_dequantized_path_with_the_same_result():
+    layer = _linear(32, 64, torch.bfloat16, seed=1)
+    q = Int4Linear(layer)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    kernel = q(x)
+    q.packed = None  # what a non-CPU or float32 layer runs
+    assert torch.allclose(q(x).float(), kernel.float(), atol=0.03, rtol=0.02)
+
+
+def test_quantized_copy_leaves_the_original_and_its_tied_embeddings_alone():
+    lm = tiny_qwen2(vocab=VOCAB, hidden=64)
+    lm.model.config.tie_word_embeddings = True
+    lm.model.lm_head.weight = lm.model.model.embed_tokens.weight  # tied, as Qwen2.5-0.5B's are
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    copy = quantized_copy(lm, "int4")
+    assert copy.model is not lm.model and copy.name == "tiny-qwen2[int4]"
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert isinstance(lm.model.lm_head, torch.nn.Linear)
+    assert isinstance(copy.model.lm_head, Int4Linear)
+    assert torch.equal(copy.model.model.embed_tokens.weight, lm.model.model.embed_tokens.weight)
+    linears = [m for m in copy.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears  # every projection and the head quantized
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        a, b = lm.model(ids).logits, copy.model(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5  # a close model, not the same one
+
+
+def test_layers_the_kernel_cannot_tile_keep_their_weights():
+    model = torch.nn.Sequential(_linear(64, 256, torch.bfloat16), _linear(10, 64, torch.bfloat16))
+    assert quantize_model(model, "int4") == 1  # 10 outputs: not a multiple of 16
+    assert isinstance(model[0], Int4Linear) and isinstance(model[1], torch.nn.Linear)
+
+
+def test_draft_specs_name_quantized_copies():
+    lm = tiny_llama(vocab=VOCAB, layers=3, hidden=64)
+    assert load_draft("int4", lm).name == "tiny[int4]"
+    subset = load_draft("int8:layers:0,2", lm)
+    assert subset.name == "tiny[layers 0,2][int8]" and len(subset.model.model.layers) == 2
+    with pytest.raises(ValueError, match="int4, int8"):
+        quantized_copy(lm, "int3")
+
+
+def _prompts():
+    rng = random.Random(5)
+    for seed in range(6):
+        phrase = [rng.randrange(VOCAB) for _ in range(5)]
+        yield [t for _ in range(3) for t in phrase + [rng.randrange(VOCAB)]] if seed % 2 else \
+            [rng.randrange(VOCAB) for _ in range(30)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [{"k": 4}, {"k": "auto"}, {"tree": "dynamic", "budget": 10}])
+def test_the_targets_int4_copy_drafts_losslessly(dtype, options):
+    """draft="int4": the target's own quantized copy drafts; the output is ar's (float32: greedy
+    decoding; bf16: exact-mode ar), and the copy agrees with the target well above chance
+    (1 in 96; 4 bits of a random Gaussian weight keep less than a real model's do)."""
+    target = tiny_llama(vocab=VOCAB, layers=3, hidden=128, seed=4)
+    target.model.to(dtype)
+    ar = SpeculativeGenerator(target, method="ar")
+    spec = SpeculativeGenerator(target, method="draft-model", draft="int4", **options)
+    per_pass = []
+    for prompt in _prompts():
+        want = ar.generate(prompt, max_new_tokens=24).token_ids
+        got = spec.generate(prompt, max_new_tokens=24)
+        assert got.token_ids == want
+        per_pass.append(got.stats.mean_accepted_tokens)
+    if options.get("k") != "auto":  # auto drafts little here: on a tiny model the draft costs what the target does
+        assert sum(per_pass) / len(per_pass) > 1.3  # tokens per target pass (ar: 1)
+
+
+def test_a_quantized_draft_is_not_passed_to_vllm_as_its_originals_directory():
+    """The copy's config still names the directory it was loaded from; vLLM would load the
+    unquantized weights from there, so the vLLM peer refuses it instead."""
+    from verispec.bench.vllm_peer import model_path
+
+    copy = quantized_copy(tiny_llama(vocab=VOCAB), "int8")
+    with pytest.raises(ValueError, match="quantized copy"):
+        model_path(copy, "the draft")
