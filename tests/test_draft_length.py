@@ -138,3 +138,19 @@ def test_prompt_lookup_auto_scores_the_undrafted_continuation(tiny):
 def test_prompt_lookup_auto_refuses_a_tree(tiny):
     with pytest.raises(ValueError, match="tree_width"):
         SpeculativeGenerator(tiny, method="prompt-lookup", k="auto", tree_width=3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_chain_stops_after_a_token_the_draft_doubts(tiny, tiny_draft, temperature):
+    """min_confidence: the draft stops after a token it gives less than that probability; the
+    chains get shorter and the output stays the target's (greedy: generate()'s)."""
+    def run(min_confidence):
+        gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, k=6, min_confidence=min_confidence)
+        return [gen.generate(p, max_new_tokens=32, temperature=temperature, seed=1) for p in PROMPTS[:3]]
+    always, doubting = run(0.0), run(0.9)
+    drafted = [sum(o.stats.drafted_tokens for o in outs) for outs in (always, doubting)]
+    assert drafted[1] < 0.8 * drafted[0], drafted
+    if temperature == 0.0:
+        assert [o.token_ids for o in doubting] == [hf_greedy(tiny, p, 32) for p in PROMPTS[:3]]
+    with pytest.raises(ValueError, match="min_confidence"):
+        SpeculativeGenerator(tiny, method="draft-model", draft=tiny_draft, min_confidence=1.5)

@@ -28,17 +28,27 @@ def _linear(n: int, k: int, dtype: torch.dtype, bias: bool = True, seed: int = 0
     return layer.to(dtype)
 
 
+def _int4_reference(weight: torch.Tensor) -> torch.Tensor:
+    """The int4 scheme written out: per row and group of 32 inputs, 16 levels from the group's
+    minimum to its maximum, each weight rounded to the nearest level."""
+    w = weight.float().reshape(weight.shape[0], -1, 32)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    return (low + torch.round((w - low) / step) * step).reshape(weight.shape)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 7])
-def test_int4_kernel_computes_the_product_of_its_dequantized_weights(rows):
+def test_int4_kernel_computes_the_product_of_the_quantized_weights(rows):
     """The CPU kernel (bf16 activations, packed codes) against a float product with the
-    weights the codes stand for: equal up to bf16 rounding of the result."""
+    quantized weights computed independently: equal up to bf16 rounding."""
     layer = _linear(64, 256, torch.bfloat16)
     q = Int4Linear(layer)
-    assert q.packed is not None  # the kernel path, on the CPU in bf16
+    assert q.packed is not None and q.codes is None  # the kernel's layout only, on the CPU
     x = torch.randn(rows, 256, dtype=torch.bfloat16)
-    want = x.float() @ q.dequantized().float().t() + layer.bias.float()
+    want = x.float() @ _int4_reference(layer.weight).t() + layer.bias.float()
     got = q(x).float()
     assert torch.allclose(got, want, atol=0.05, rtol=0.02)
+    assert torch.allclose(q.dequantized().float(), _int4_reference(layer.weight), atol=0.01, rtol=0.01)
 
 
 @pytest.mark.parametrize("make", [Int4Linear, Int8Linear])
@@ -58,13 +68,15 @@ def test_quantized_weights_stay_near_the_original_ones(make):
         assert step <= ((w.amax(-1) - w.amin(-1)) / 15).max() / 2 + 1e-6
 
 
-def test_float32_layers_take_the_dequantized_path_with_the_same_result():
-    layer = _linear(32, 64, torch.bfloat16, seed=1)
+def test_a_float32_layer_computes_its_int4_products_in_bfloat16():
+    """The kernel takes bf16 activations: a float32 layer's result is the bf16 one, in float32."""
+    layer = _linear(32, 64, torch.float32, seed=1)
     q = Int4Linear(layer)
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
-    kernel = q(x)
-    q.packed = None  # what a non-CPU or float32 layer runs
-    assert torch.allclose(q(x).float(), kernel.float(), atol=0.03, rtol=0.02)
+    x = torch.randn(3, 64)
+    y = q(x)
+    assert y.dtype == torch.float32
+    want = x.bfloat16().float() @ q.dequantized().float().t() + layer.bias
+    assert torch.allclose(y, want, atol=0.03, rtol=0.02)
 
 
 def test_quantized_copy_leaves_the_original_and_its_tied_embeddings_alone():
@@ -77,7 +89,9 @@ def test_quantized_copy_leaves_the_original_and_its_tied_embeddings_alone():
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert isinstance(lm.model.lm_head, torch.nn.Linear)
     assert isinstance(copy.model.lm_head, Int4Linear)
-    assert torch.equal(copy.model.model.embed_tokens.weight, lm.model.model.embed_tokens.weight)
+    assert copy.model.model.embed_tokens.weight is lm.model.model.embed_tokens.weight  # shared, not copied
+    assert copy.model.model.norm.weight is lm.model.model.norm.weight
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight  # the original still ties them
     linears = [m for m in copy.model.modules() if isinstance(m, torch.nn.Linear)]
     assert not linears  # every projection and the head quantized
     ids = torch.tensor([[1, 2, 3, 4]])

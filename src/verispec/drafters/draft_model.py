@@ -34,7 +34,8 @@ def check_same_vocabulary(target, draft) -> None:
 class DraftModel(Drafter):
     """Options: draft (a LoadedModel, or a spec for draft_init.load_draft: a zoo name or
     directory, "layers:0,1,2", "int4" / "int8" (the target's weight-only quantized copy),
-    "int4:NAME"); k (chain length, or "auto": chosen each step from the observed acceptance, the
+    "int4:NAME"); min_confidence (a chain stops after a token the draft gives less than this
+    probability; 0: never); k (chain length, or "auto": chosen each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
     (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
     a static shape as a list of rank paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
@@ -42,7 +43,8 @@ class DraftModel(Drafter):
     "sample-unique" (without replacement)."""
 
     def __init__(self, target, draft=None, k: int | str = 5, tree: str | Sequence[Sequence[int]] | None = None,
-                 depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk", k_max: int = 12):
+                 depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk", k_max: int = 12,
+                 min_confidence: float = 0.0):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
@@ -51,6 +53,9 @@ class DraftModel(Drafter):
             self.adaptive = AdaptiveLength(k_start=k, k_max=int(k_max))
         else:
             self.adaptive = None
+        if not 0.0 <= float(min_confidence) < 1.0:
+            raise ValueError(f"min_confidence is a probability in [0, 1), got {min_confidence!r}")
+        self.min_confidence = float(min_confidence)
         if isinstance(k, str) or k < 1 or depth < 1 or top_k < 1 or budget < 1 or int(k_max) < 1:
             raise ValueError(f"draft-model needs k (an integer or 'auto'), depth, top_k, budget, k_max >= 1 "
                              f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
@@ -95,13 +100,23 @@ class DraftModel(Drafter):
                 x = draw(q, ctx.sampling, ctx.rng, len(ctx.tokens) + i)  # draft i is the token at that index
                 qs.append(q)
             drafts.append(x)
-            if i < k - 1:
-                logits = self.lm.extend([x])[-1]
+            if i == k - 1 or self._unsure(qs[-1] if qs else logits, x, probs=bool(qs)):
+                break
+            logits = self.lm.extend([x])[-1]
         self.cached = ctx.tokens + drafts[:-1]
         if self.adaptive:
-            self.adaptive.drafted(k - 1, time.perf_counter() - started)
+            self.adaptive.drafted(len(drafts) - 1, time.perf_counter() - started)
         draft_probs = torch.stack([qs[0], *qs]) if qs else None  # row 0 (the root) is unused
         return TokenTree.chain(ctx.tokens[-1], drafts, draft_probs)
+
+    def _unsure(self, scores: torch.Tensor, token: int, probs: bool) -> bool:
+        """Whether the draft gives its own pick less than min_confidence: drafting past a token it
+        doubts mostly buys tokens the target rejects. Only the draft's logits decide, so a shorter
+        draft leaves verification lossless (sampling too: the length is fixed before the target looks)."""
+        if self.min_confidence <= 0:
+            return False
+        p = scores if probs else torch.softmax(scores.float(), -1)  # the distribution the token came from
+        return float(p[token]) < self.min_confidence
 
     def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
         if self.adaptive and tree.is_chain:
