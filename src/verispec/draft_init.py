@@ -16,8 +16,13 @@ import torch
 from .models import load_model
 from .quantize import MODES as QUANT_MODES, quantized_copy
 
-DRAFT_SPECS = ("a zoo name or HF directory", "layers:I,J,... (those of the target's layers)",
-               "int4 / int8 (the target's weight-only quantized copy)", "int4:M / int8:M (draft M, quantized)")
+def draft_for(spec, lm):
+    """A draft given as an option: a loaded model as is, or a spec (load_draft) loaded in the
+    target's dtype and on its device."""
+    if not isinstance(spec, str):
+        return spec
+    weights = next(lm.model.parameters())
+    return load_draft(spec, lm, dtype=weights.dtype, device=weights.device)
 
 
 def load_draft(spec: str, lm, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"):

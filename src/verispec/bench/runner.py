@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from ..chat import ChatFormatter
-from ..draft_init import load_draft
+from ..draft_init import draft_for, load_draft
 from ..engine.exact import resolve as resolve_exact
 from ..drafters import drafter_class
 from ..generator import SpeculativeGenerator, methods as verispec_methods
@@ -132,22 +132,13 @@ def base_method(name: str) -> str:
     return name.partition("@")[0]
 
 
-def _own_draft(spec: Any, lm: Any) -> Any:
-    """A draft given as a method option: a spec (draft_init.load_draft) in the target's dtype
-    and on its device, or an already loaded model."""
-    if not isinstance(spec, str):
-        return spec
-    weights = next(lm.model.parameters())
-    return load_draft(spec, lm, dtype=weights.dtype, device=weights.device)
-
-
 def build_method(name: str, lm: Any, options: dict[str, Any], draft: Any | None = None,
                  universal_draft: Any | None = None, exact: bool | str = "auto", rule: str = "auto"):
     base = base_method(name)
     if is_peer(base) or is_vllm_peer(base):
         options = dict(options)
         if "draft" in options:  # a labelled variant's own draft (e.g. hf-assisted@int4.draft='int4:M')
-            draft = universal_draft = _own_draft(options.pop("draft"), lm)
+            draft = universal_draft = draft_for(options.pop("draft"), lm)
     if is_peer(base):
         chosen = (universal_draft or draft) if base == "hf-universal" else draft
         return HFPeer(base, lm, draft=chosen, **options)

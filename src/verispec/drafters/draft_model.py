@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..draft_init import load_draft
+from ..draft_init import draft_for
 from ..engine.sampling import draw, probabilities
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
@@ -59,9 +59,7 @@ class DraftModel(Drafter):
         if isinstance(k, str) or k < 1 or depth < 1 or top_k < 1 or budget < 1 or int(k_max) < 1:
             raise ValueError(f"draft-model needs k (an integer or 'auto'), depth, top_k, budget, k_max >= 1 "
                              f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
-        if isinstance(draft, str):  # a draft spec: a zoo name or directory, "int4" (the target's int4 copy), ...
-            draft = load_draft(draft, target, dtype=next(target.model.parameters()).dtype,
-                               device=next(target.model.parameters()).device)
+        draft = draft_for(draft, target)  # a spec: a zoo name or directory, "int4" (the target's int4 copy), ...
         check_same_vocabulary(target, draft)
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
