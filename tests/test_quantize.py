@@ -10,7 +10,7 @@ import torch
 
 from verispec import SpeculativeGenerator
 from verispec.draft_init import load_draft
-from verispec.quantize import Int4Linear, Int8Linear, quantize_model, quantized_copy
+from verispec.quantize import FULL_ROWS, Int4Linear, Int8Linear, quantize_model, quantized_copy
 from conftest import tiny_llama, tiny_qwen2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +98,36 @@ def test_quantized_copy_leaves_the_original_and_its_tied_embeddings_alone():
     with torch.inference_mode():
         a, b = lm.model(ids).logits, copy.model(ids).logits
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.5  # a close model, not the same one
+
+
+@pytest.mark.parametrize("make", [Int4Linear, Int8Linear])
+def test_a_prefill_sized_pass_uses_the_kept_weight_and_a_draft_step_the_quantized_one(make):
+    """keep_full: from FULL_ROWS rows on (a prompt), the product is the original layer's, bit for
+    bit; below (drafting), the quantized weights', which differ from it."""
+    layer = _linear(64, 256, torch.bfloat16)
+    kept, lean = make(layer, keep_full=True), make(layer)
+    assert kept.full.data_ptr() == layer.weight.data_ptr() and lean.full is None  # shared, not copied
+    with torch.inference_mode():
+        many = torch.randn(FULL_ROWS, 256, dtype=torch.bfloat16)
+        assert torch.equal(kept(many), layer(many))
+        assert not torch.equal(lean(many), layer(many))
+        few = many[: FULL_ROWS - 1]
+        assert torch.equal(kept(few), lean(few)) and not torch.equal(kept(few), layer(few))
+
+
+def test_a_quantized_copy_prefills_with_the_originals_weights():
+    """The copy's layers keep the original's weights (no copy): a prompt-length pass is the
+    original model's pass, while one-token steps are the quantized model's."""
+    lm = tiny_qwen2(vocab=VOCAB, hidden=64)
+    copy = quantized_copy(lm, "int4")
+    heads = [m for m in copy.model.modules() if isinstance(m, Int4Linear)]
+    assert heads and all(m.full is not None for m in heads)
+    assert copy.model.lm_head.full.data_ptr() == lm.model.lm_head.weight.data_ptr()
+    prompt = torch.arange(FULL_ROWS + 3).unsqueeze(0) % VOCAB
+    with torch.inference_mode():
+        assert torch.equal(copy.model(prompt).logits, lm.model(prompt).logits)
+        assert all(m.full is None for m in quantized_copy(lm, "int4", keep_full=False).model.modules()
+                   if isinstance(m, Int4Linear))
 
 
 def test_layers_the_kernel_cannot_tile_keep_their_weights():

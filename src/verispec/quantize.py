@@ -20,6 +20,13 @@ Measured on the 2-core avx512_bf16 machine (one-token pass, context 300, bf16): 
 0.5B 70 ms -> int8 38 ms -> int4 26 ms; 1.5B 162 -> 87 -> 47 ms. Several rows cost more in
 int4 (the 1.5B: 42 ms for 2, 55 ms for 4, 115 ms for 8 rows), so a quantized draft suits chains
 (one new row a pass) better than wide trees.
+
+The int4 kernel's cost grows with every row (it is a matrix-vector kernel at heart: a
+8960x1536 layer takes 195 ms for 1024 rows where the bf16 product takes 72 ms), so a layer
+keeps a reference to the weight it was made from and computes passes of FULL_ROWS rows or
+more (a prompt's prefill) with it. For the target's own copy that weight is the target's,
+shared: free. For `int4:M` it keeps M's unquantized weights alive (`keep_full=False` drops
+them, and prefills then run through the kernel).
 """
 from __future__ import annotations
 
@@ -31,17 +38,45 @@ import torch
 
 MODES = ("int4", "int8")
 GROUP = 32  # int4 group size along K: GGUF's Q4_K sub-block, so a Q4_K model's grid is nearly kept
+# From this many rows a pass uses the unquantized weight when the layer kept it: measured crossover
+# of the int4 kernel with bf16 products on Qwen shapes, 2 threads (8 rows: 1.4 vs 1.7 ms, 16: 2.8 vs 2.4)
+FULL_ROWS = 12
 
 
-class Int4Linear(torch.nn.Module):
+class _WeightOnly(torch.nn.Module):
+    """What the weight-only layers share: rows in, the quantized product (or, for many rows, the
+    kept unquantized weight's), bias, and the input's leading shape back."""
+
+    def _keep(self, linear: torch.nn.Linear, keep_full: bool) -> None:
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # detach() shares the storage: no copy, and the copy's own tensors stay the original's
+        self.register_buffer("full", linear.weight.detach() if keep_full else None, persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.full is not None and rows.shape[0] >= FULL_ROWS:
+            y = torch.nn.functional.linear(rows, self.full.to(rows.dtype), self.bias)
+        else:
+            y = self._product(rows).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(_WeightOnly):
     """y = x W^T + b with W stored as 4-bit codes q per (row, group of GROUP inputs):
     W = q * scale + low, q in 0..15 (asymmetric: the group's minimum and range)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, keep_full: bool = False):
         super().__init__()
+        self._keep(linear, keep_full)
         weight = linear.weight.detach()
         n, k = weight.shape
-        self.in_features, self.out_features, self.dtype = k, n, weight.dtype
+        self.dtype = weight.dtype
         grouped = weight.float().reshape(n, k // GROUP, GROUP)
         low = grouped.amin(-1, keepdim=True)
         scale = ((grouped.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-8)
@@ -56,7 +91,6 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) if on_cpu
                              else None, persistent=False)
         self.register_buffer("codes", None if on_cpu else codes.to(torch.uint8), persistent=False)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def dequantized(self) -> torch.Tensor:
         """The weight the codes stand for, [N, K] (for checks; on the CPU read back through the
@@ -75,39 +109,26 @@ class Int4Linear(torch.nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.packed, GROUP,
                                                           self.scales_and_zeros)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.packed is not None:
-            y = self._kernel(rows).to(x.dtype)
-        else:
-            y = rows @ self.dequantized().t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._kernel(rows) if self.packed is not None else rows @ self.dequantized().t()
 
 
-class Int8Linear(torch.nn.Module):
+class Int8Linear(_WeightOnly):
     """y = x W^T + b with W = q * scale, q int8 per element, one scale per output channel."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, keep_full: bool = False):
         super().__init__()
+        self._keep(linear, keep_full)
         weight = linear.weight.detach()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         scale = (weight.float().abs().amax(1) / 127).clamp(min=1e-8)
         self.register_buffer("codes", torch.round(weight.float() / scale[:, None]).clamp(-127, 127)
                              .to(torch.int8), persistent=False)
         self.register_buffer("scale", scale.to(weight.dtype), persistent=False)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.codes, self.scale)
-        else:
-            y = rows @ (self.codes.to(x.dtype) * self.scale[:, None]).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.codes, self.scale)
+        return rows @ (self.codes.to(rows.dtype) * self.scale[:, None]).t()
 
 
 def _quantizable(linear: torch.nn.Linear, mode: str) -> bool:
@@ -122,18 +143,19 @@ def _check(mode: str) -> None:
         raise ValueError(f"quantization {mode!r} is not one of {', '.join(MODES)}")
 
 
-def _quantized_linears(model: torch.nn.Module, mode: str) -> dict[torch.nn.Module, torch.nn.Module]:
+def _quantized_linears(model: torch.nn.Module, mode: str, keep_full: bool) -> dict[torch.nn.Module, torch.nn.Module]:
     """Each nn.Linear of `model` (the LM head included) -> its weight-only `mode` version. Layers
     whose shape the kernel cannot tile are left out: they keep their weights (a draft only gets
     slower there, never wrong)."""
     make = Int4Linear if mode == "int4" else Int8Linear
-    return {m: make(m) for m in model.modules() if isinstance(m, torch.nn.Linear) and _quantizable(m, mode)}
+    return {m: make(m, keep_full) for m in model.modules() if isinstance(m, torch.nn.Linear) and _quantizable(m, mode)}
 
 
 def quantize_model(model: torch.nn.Module, mode: str) -> int:
-    """Replace, in place, the linear layers of `model` by weight-only `mode` ones; returns how many."""
+    """Replace, in place, the linear layers of `model` by weight-only `mode` ones (the unquantized
+    weights are let go); returns how many."""
     _check(mode)
-    swaps = _quantized_linears(model, mode)
+    swaps = _quantized_linears(model, mode, keep_full=False)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child in swaps:
@@ -141,14 +163,17 @@ def quantize_model(model: torch.nn.Module, mode: str) -> int:
     return len(swaps)
 
 
-def quantized_copy(lm: Any, mode: str) -> Any:
+def quantized_copy(lm: Any, mode: str, keep_full: bool = True) -> Any:
     """A LoadedModel-like copy of `lm` whose linear layers are `mode` weight-only; `lm` itself is
     unchanged. The copy's module tree is new, but every tensor outside the linear layers (the
     embeddings, the norms, rotary tables) is the original's, shared read-only: the copy costs only
     its quantized weights. The embeddings stay unquantized (a lookup reads one row), also when
-    the LM head shares their weight: the copy's head gets quantized weights of its own."""
+    the LM head shares their weight: the copy's head gets quantized weights of its own.
+    keep_full: each layer also holds (shares, no copy) the original weight and uses it for passes
+    of FULL_ROWS rows or more, a prompt's prefill, where the quantized kernels are slower; this
+    keeps `lm`'s linear weights alive as long as the copy lives."""
     _check(mode)
-    swaps = _quantized_linears(lm.model, mode)
+    swaps = _quantized_linears(lm.model, mode, keep_full)
     if not swaps:
         raise ValueError(f"{lm.name}: no linear layer could be quantized to {mode}")
     # deepcopy's memo: the quantized layers stand in for the linear ones, and tensors copy to themselves
