@@ -120,12 +120,14 @@ def test_a_quantized_copy_prefills_with_the_originals_weights():
     original model's pass, while one-token steps are the quantized model's."""
     lm = tiny_qwen2(vocab=VOCAB, hidden=64)
     copy = quantized_copy(lm, "int4")
-    heads = [m for m in copy.model.modules() if isinstance(m, Int4Linear)]
-    assert heads and all(m.full is not None for m in heads)
+    layers = [m for m in copy.model.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.full is not None for m in layers)
     assert copy.model.lm_head.full.data_ptr() == lm.model.lm_head.weight.data_ptr()
     prompt = torch.arange(FULL_ROWS + 3).unsqueeze(0) % VOCAB
     with torch.inference_mode():
         assert torch.equal(copy.model(prompt).logits, lm.model(prompt).logits)
+        step = prompt[:, :1]
+        assert not torch.equal(copy.model(step).logits, lm.model(step).logits)
         assert all(m.full is None for m in quantized_copy(lm, "int4", keep_full=False).model.modules()
                    if isinstance(m, Int4Linear))
 

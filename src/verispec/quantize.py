@@ -47,7 +47,8 @@ class _WeightOnly(torch.nn.Module):
     """What the weight-only layers share: rows in, the quantized product (or, for many rows, the
     kept unquantized weight's), bias, and the input's leading shape back."""
 
-    def _keep(self, linear: torch.nn.Linear, keep_full: bool) -> None:
+    def __init__(self, linear: torch.nn.Linear, keep_full: bool):
+        super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # detach() shares the storage: no copy, and the copy's own tensors stay the original's
         self.register_buffer("full", linear.weight.detach() if keep_full else None, persistent=False)
@@ -72,8 +73,7 @@ class Int4Linear(_WeightOnly):
     W = q * scale + low, q in 0..15 (asymmetric: the group's minimum and range)."""
 
     def __init__(self, linear: torch.nn.Linear, keep_full: bool = False):
-        super().__init__()
-        self._keep(linear, keep_full)
+        super().__init__(linear, keep_full)
         weight = linear.weight.detach()
         n, k = weight.shape
         self.dtype = weight.dtype
@@ -117,8 +117,7 @@ class Int8Linear(_WeightOnly):
     """y = x W^T + b with W = q * scale, q int8 per element, one scale per output channel."""
 
     def __init__(self, linear: torch.nn.Linear, keep_full: bool = False):
-        super().__init__()
-        self._keep(linear, keep_full)
+        super().__init__(linear, keep_full)
         weight = linear.weight.detach()
         scale = (weight.float().abs().amax(1) / 127).clamp(min=1e-8)
         self.register_buffer("codes", torch.round(weight.float() / scale[:, None]).clamp(-127, 127)
