@@ -2,7 +2,7 @@
 
 This is the room speculative decoding has: a draft of n tokens is worth verifying when
 the tokens it adds per pass outweigh this ratio. Usage:
-    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300] [--threads 1]
+    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300] [--threads 1] [--no-pack]
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import torch
 
 import verispec
+from verispec.cpu_linear import PackedLinear
 from verispec.engine.target import CachedLM
 from verispec.engine.tree import TokenTree
 
@@ -42,15 +43,19 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="keep torch's float32 linears (load_model packs them for oneDNN on the CPU by default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = verispec.load_model(args.model, dtype=args.dtype)
+    loaded = verispec.load_model(args.model, dtype=args.dtype, pack_linears=False if args.no_pack else None)
     lm = CachedLM(loaded.model)
     context = [(13 * i) % 5000 + 100 for i in range(args.context)]
     time_pass(lm, context, TokenTree.chain(context[-1]), 3)  # warm-up
     one = time_pass(lm, context, TokenTree.chain(context[-1]), args.repeats)
-    print(f"{args.model} {args.dtype}, context {args.context}, torch threads {torch.get_num_threads()}")
+    packed = sum(isinstance(m, PackedLinear) for m in loaded.model.modules())
+    print(f"{args.model} {args.dtype}, context {args.context}, torch threads {torch.get_num_threads()}, "
+          f"{packed} linears packed for oneDNN")
     print(f"one-token pass: {one * 1000:.1f} ms\n\n| new tokens | chain | tree (4D mask) |\n|---:|---:|---:|")
     for n in (2, 4, 8, 12, 16, 24, 32, 48, 64):
         chain = time_pass(lm, context, TokenTree.chain(context[-1], [5 + i for i in range(n - 1)]), args.repeats)

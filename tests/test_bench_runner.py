@@ -312,7 +312,7 @@ def test_options_reach_the_methods(tiny_lm, questions, tmp_path):
 def test_draft_methods_get_the_draft(tiny_lm, questions, tmp_path):
     out = tmp_path / "run"
     run(tiny_lm, questions, out, methods=["ar", "draft-model", "hf-assisted"], tasks=["qa"], draft=tiny_lm,
-        options={"draft-model": {"k": 3}, "hf-assisted": {"num_assistant_tokens": 3,
+        options={"draft-model": {"k": 3, "min_confidence": 0.0}, "hf-assisted": {"num_assistant_tokens": 3,
                                                           "assistant_confidence_threshold": 0.0}})
     summary = json.loads((out / "metrics.json").read_text())["methods"]
     # the target drafting for itself: everything accepted, 4 tokens per target pass (up to the end)

@@ -183,8 +183,8 @@ GENERATOR = ("verispec.generator",)
 DRAFTING = ("verispec.drafters", "verispec.acceptance")
 ENGINE = ("verispec.engine",)
 # the bottom: model code, settings, transformers compatibility, package data, the version,
-# layer views of a model
-BOTTOM = ("verispec.models", "verispec.config", "verispec.compat", "verispec.assets", "verispec.version",
+# layer views of a model, the CPU linear kernels
+BOTTOM = ("verispec.models", "verispec.config", "verispec.compat", "verispec.assets", "verispec.version", "verispec.cpu_linear",
           "verispec.layers", "verispec.options", "verispec.progress")
 # helpers the drafters use (heads, datastores, calibration files, the chat prompt format):
 # below the drafters, above the engine and the bottom

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import platformdirs
 import torch
 
+from . import cpu_linear
 from .compat import chat_template_ids, drop_quantizer, transformers_progress
 from .progress import say
 
@@ -629,8 +630,11 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     home: str | os.PathLike | None = None,
+    pack_linears: bool | None = None,
 ) -> LoadedModel:
-    """Load a registry model (fetched on first use) or a local HF directory for inference."""
+    """Load a registry model (fetched on first use) or a local HF directory for inference.
+    pack_linears: run the linear layers through oneDNN on packed weights (cpu_linear; costs a
+    second copy of their weights); None: where that pays, float32 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -641,6 +645,8 @@ def load_model(
         path, dtype=dt, attn_implementation="sdpa", local_files_only=True
     )
     model.to(dev).eval().requires_grad_(False)
+    if cpu_linear.pays(dt, dev) if pack_linears is None else pack_linears:
+        cpu_linear.pack_linears(model)
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
