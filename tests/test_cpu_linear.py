@@ -114,3 +114,11 @@ def test_load_model_packs_float32_cpu_models_only():
     assert cpu_linear.pays(torch.float32, torch.device("cpu"))
     assert not cpu_linear.pays(torch.bfloat16, torch.device("cpu"))
     assert not cpu_linear.pays(torch.float32, torch.device("meta"))
+
+
+def test_a_layer_made_in_inference_mode_packs():
+    with torch.inference_mode():
+        linear = _linear()
+        packed = PackedLinear(linear.weight, linear.bias)
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)

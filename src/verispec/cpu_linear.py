@@ -60,7 +60,7 @@ class PackedLinear(torch.nn.Linear):
         if not (self._packable(w) and x.dtype == w.dtype and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
-        if self._packed_for != (w.data_ptr(), w._version):
+        if self._packed_for != _stamp(w):
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
@@ -71,7 +71,7 @@ class PackedLinear(torch.nn.Linear):
     def _pack(self) -> None:
         w = self.weight.detach()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        self._packed_for = (w.data_ptr(), w._version)
+        self._packed_for = _stamp(w)
 
     def __deepcopy__(self, memo):
         """The Parameters are copied as deepcopy copies any (tied ones stay tied; a memo that maps
@@ -83,6 +83,15 @@ class PackedLinear(torch.nn.Linear):
             twin._packed, twin._packed_for = self._packed, self._packed_for
         memo[id(self)] = twin
         return twin
+
+
+def _stamp(w: torch.Tensor) -> tuple:
+    """Where a weight lives and its in-place change count: a new stamp means pack again. An
+    inference-mode tensor has no version counter, and cannot be changed in place outside it."""
+    try:
+        return w.data_ptr(), w._version
+    except RuntimeError:
+        return w.data_ptr(), None
 
 
 def pack_linears(model: torch.nn.Module) -> int:
