@@ -65,7 +65,8 @@ def test_draft_model_keeps_greedy_output(tiny, tiny_draft, prompt):
 
 def test_draft_model_equal_to_target_accepts_everything(tiny):
     prompt = PROMPTS[0]
-    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny, k=5, min_confidence=0.0)  # no confidence stop: every draft is the target's own pick
+    # no confidence stop: every draft is the target's own pick
+    gen = SpeculativeGenerator(tiny, method="draft-model", draft=tiny, k=5, min_confidence=0.0)
     out = gen.generate(prompt, max_new_tokens=36)
     assert out.token_ids == hf_greedy(tiny, prompt, 36)
     assert out.stats.accept_lengths == [6] * 6

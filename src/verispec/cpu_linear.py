@@ -25,6 +25,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .layers import swap_modules
+
 
 @lru_cache(maxsize=None)
 def available() -> bool:
@@ -99,10 +101,7 @@ def pack_linears(model: torch.nn.Module) -> int:
     Parameters; returns how many were replaced."""
     if not available():
         return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and PackedLinear._packable(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                count += 1
-    return count
+    swaps = {m: PackedLinear(m.weight, m.bias) for m in model.modules()
+             if type(m) is torch.nn.Linear and PackedLinear._packable(m.weight)}
+    swap_modules(model, swaps)
+    return len(swaps)

@@ -19,6 +19,15 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+def swap_modules(model: torch.nn.Module, swaps: dict[torch.nn.Module, torch.nn.Module]) -> None:
+    """Replace, in place, every submodule of `model` that is a key of `swaps` by its value (under
+    every parent that holds it: a shared module is swapped everywhere)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in swaps:
+                setattr(parent, name, swaps[child])
+
+
 def check_skip(skip, total: int) -> list[int]:
     """Sorted, distinct layer indices in [0, total) that leave at least one layer."""
     try:

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .layers import swap_modules
+
 MODES = ("int4", "int8")
 GROUP = 32  # int4 group size along K: GGUF's Q4_K sub-block, so a Q4_K model's grid is nearly kept
 # From this many rows a pass uses the unquantized weight when the layer kept it: measured crossover
@@ -155,10 +157,7 @@ def quantize_model(model: torch.nn.Module, mode: str) -> int:
     weights are let go); returns how many."""
     _check(mode)
     swaps = _quantized_linears(model, mode, keep_full=False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if child in swaps:
-                setattr(parent, name, swaps[child])
+    swap_modules(model, swaps)
     return len(swaps)
 
 

@@ -36,7 +36,8 @@ class DraftModel(Drafter):
     directory, "layers:0,1,2", "int4" / "int8" (the target's weight-only quantized copy),
     "int4:NAME"); min_confidence (a chain stops after a token the draft gives less than this
     probability; 0: never. Default 0.4, transformers' assistant_confidence_threshold: on the Qwen
-pair it took k="auto" from 1.45x to 1.60x, README stop 17); k (chain length, or "auto": chosen each step from the observed acceptance, the
+    pair it took k="auto" from 1.45x to 1.60x, README stop 17); k (chain length, or "auto": chosen
+    each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
     (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
     a static shape as a list of rank paths, or "dynamic" (EAGLE-2, with depth, top_k, budget); children = how static-tree
