@@ -3,6 +3,7 @@ bit for bit what a one-token pass gives, so every lossless method's output is ex
 ar's. Tiny random Llama and Qwen2 models in bfloat16; the real models: test_real_model.py."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -104,9 +105,13 @@ def test_exact_ar_is_one_token_decoding_of_the_same_model(target):
     """exact-mode ar prefills the prompt in one pass (the model's own attention, as generate()
     does), then runs one token per pass with the exact attention: float32 scores for one query
     row, the grouped-query heads mapped as the model maps them. Teacher-forced along
-    generate()'s own output, its logits stay within bf16 noise of the model's own decoding
-    (a wrong scale or head mapping would be far off), and it makes generate()'s choices."""
-    agree = total = 0
+    generate()'s own output, its logits stay within two bf16 ulps of the model's own decoding
+    (a wrong head mapping is three or more), and it makes generate()'s choice at every
+    row whose top-2 margin is wider than twice the two rows' largest difference (no deviation
+    that size can flip it). Near ties are not asserted: a random model's logits are nearly
+    flat, one bf16 ulp apart or tied (on AVX2 CPUs, prompt 0's second token is an exact tie
+    in generate()'s logits), and there the two faithful computations may choose differently."""
+    clear_rows = total = 0
     for seed in range(4):
         prompt = context(21 + seed, 60)
         out = SpeculativeGenerator(target, method="ar", exact=True).generate(prompt, max_new_tokens=24)
@@ -114,14 +119,20 @@ def test_exact_ar_is_one_token_decoding_of_the_same_model(target):
         with torch.inference_mode():
             ref = target.model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
         path = ref.tolist()
-        exact_rows = decode_rows(target.model, True, prompt, path)
-        own_rows = decode_rows(target.model, False, prompt, path)
-        scale = own_rows.float().abs().max()
-        assert (exact_rows.float() - own_rows.float()).abs().max() < 0.05 * scale
-        agree += int((exact_rows.argmax(-1) == own_rows.argmax(-1)).sum())
+        exact_rows = decode_rows(target.model, True, prompt, path).float()
+        own_rows = decode_rows(target.model, False, prompt, path).float()
+        diff = (exact_rows - own_rows).abs().amax(dim=-1)  # per row
+        scale = float(own_rows.abs().max())
+        assert diff.max() <= 2 * 2.0 ** (math.floor(math.log2(scale)) - 7)  # two bf16 ulps of the largest logit
+        top2 = own_rows.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * diff
+        assert torch.equal(exact_rows.argmax(-1)[clear], own_rows.argmax(-1)[clear]), f"prompt {seed}"
+        # Free-running: row j chooses token j + 1, so up to the first near tie the outputs agree.
+        first_tie = int((~clear).nonzero()[0]) if not clear.all() else len(path)
+        assert out.token_ids[:first_tie + 1] == path[:first_tie + 1], f"prompt {seed}"
+        clear_rows += int(clear.sum())
         total += len(path)
-        assert out.token_ids[:4] == path[:4], f"prompt {seed}"  # far from any near tie this early
-    assert agree >= 0.9 * total, (agree, total)
+    assert clear_rows >= total // 2, (clear_rows, total)  # the assertions above covered most rows
     assert target.model.config._attn_implementation == "sdpa"  # exact mode is set per pass, then undone
 
 
