@@ -189,7 +189,7 @@ BOTTOM = ("verispec.models", "verispec.config", "verispec.compat", "verispec.ass
 # helpers the drafters use (heads, datastores, calibration files, the chat prompt format):
 # below the drafters, above the engine and the bottom
 HELPERS = ("verispec.heads", "verispec.datastore", "verispec.calibrate", "verispec.chat", "verispec.draft_init",
-           "verispec.quantize")
+           "verispec.quantize", "verispec.vocab_subset")
 
 
 def _in(module: str, layer: tuple[str, ...]) -> bool:
@@ -224,7 +224,8 @@ LAYER_RULES = {
     "drafters and acceptance never import bench, training, cli, serve, generator or the verispec facade":
         (DRAFTING, TOP + GENERATOR, None),
     "models, config, compat (the bottom) import only the bottom": (BOTTOM, None, BOTTOM),
-    "the drafters' helpers (heads, datastore, calibrate, chat, draft_init, quantize) import only the engine and the bottom":
+    "the drafters' helpers (heads, datastore, calibrate, chat, draft_init, quantize, vocab_subset) import only the "
+    "engine and the bottom":
         (HELPERS, None, ENGINE + BOTTOM + HELPERS),
     "the generator imports nothing above it": (GENERATOR, TOP, None),
     "bench never imports training or cli": (("verispec.bench",), ("verispec.training", "verispec.cli"), None),

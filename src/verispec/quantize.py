@@ -144,12 +144,20 @@ def _check(mode: str) -> None:
         raise ValueError(f"quantization {mode!r} is not one of {', '.join(MODES)}")
 
 
+def quantized_linear(linear: torch.nn.Linear, mode: str, keep_full: bool = False) -> torch.nn.Module:
+    """The weight-only `mode` version of one layer, or the layer itself where the kernel cannot
+    tile its shape (a draft only gets slower there, never wrong)."""
+    _check(mode)
+    if not _quantizable(linear, mode):
+        return linear
+    return (Int4Linear if mode == "int4" else Int8Linear)(linear, keep_full)
+
+
 def _quantized_linears(model: torch.nn.Module, mode: str, keep_full: bool) -> dict[torch.nn.Module, torch.nn.Module]:
-    """Each nn.Linear of `model` (the LM head included) -> its weight-only `mode` version. Layers
-    whose shape the kernel cannot tile are left out: they keep their weights (a draft only gets
-    slower there, never wrong)."""
-    make = Int4Linear if mode == "int4" else Int8Linear
-    return {m: make(m, keep_full) for m in model.modules() if isinstance(m, torch.nn.Linear) and _quantizable(m, mode)}
+    """Each nn.Linear of `model` (the LM head included) -> its weight-only `mode` version; the
+    layers quantized_linear leaves as they are are left out."""
+    swaps = {m: quantized_linear(m, mode, keep_full) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return {m: q for m, q in swaps.items() if q is not m}
 
 
 def quantize_model(model: torch.nn.Module, mode: str) -> int:

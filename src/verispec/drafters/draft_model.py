@@ -12,6 +12,7 @@ from ..draft_init import draft_for
 from ..engine.sampling import draw, probabilities
 from ..engine.target import CachedLM
 from ..engine.tree import TokenTree
+from ..vocab_subset import vocab_subset_copy
 from .base import DraftContext, Drafter, register
 from .draft_length import AdaptiveLength
 from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
@@ -36,7 +37,9 @@ class DraftModel(Drafter):
     directory, "layers:0,1,2", "int4" / "int8" (the target's weight-only quantized copy),
     "int4:NAME"); min_confidence (a chain stops after a token the draft gives less than this
     probability; 0: never. Default 0.4, transformers' assistant_confidence_threshold: on the Qwen
-    pair it took k="auto" from 1.45x to 1.60x, README stop 17); k (chain length, or "auto": chosen
+    pair it took k="auto" from 1.45x to 1.60x, README stop 17); draft_vocab (None: the whole
+    vocabulary; n: the draft's LM head scores only the first n token ids and the special ones,
+    FR-Spec, see vocab_subset); k (chain length, or "auto": chosen
     each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
     (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
@@ -46,7 +49,7 @@ class DraftModel(Drafter):
 
     def __init__(self, target, draft=None, k: int | str = 5, tree: str | Sequence[Sequence[int]] | None = None,
                  depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk", k_max: int = 12,
-                 min_confidence: float = 0.4):
+                 min_confidence: float = 0.4, draft_vocab: int | None = None):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
@@ -63,12 +66,14 @@ class DraftModel(Drafter):
                              f"(got {k!r}, {depth}, {top_k}, {budget}, {k_max})")
         draft = draft_for(draft, target)  # a spec: a zoo name or directory, "int4" (the target's int4 copy), ...
         check_same_vocabulary(target, draft)
+        if draft_vocab is not None:  # a head over the vocabulary's first ids only (vocab_subset): a cheaper draft pass
+            draft = vocab_subset_copy(draft, int(draft_vocab))
         if children not in CHILD_MODES:
             raise ValueError(f"children must be one of {', '.join(CHILD_MODES)}, got {children!r}")
         if isinstance(tree, str) and tree not in ("chain", "dynamic"):
             raise ValueError(f"tree must be 'chain' (or None: a chain of k), 'dynamic', or a static tree as a list "
                              f"of rank paths, e.g. [[0], [1], [0, 0]]; got {tree!r}")
-        self.lm = CachedLM(draft.model)
+        self.lm = CachedLM(draft.model, draft=True)
         self.k, self.depth, self.top_k, self.budget, self.children = int(k), int(depth), int(top_k), int(budget), children
         self.shape = None if tree in (None, "chain", "dynamic") else static_shape(tree)
         self.dynamic = tree == "dynamic"

@@ -199,7 +199,7 @@ class Universal(Drafter):
         self.t_tok, self.d_tok = target.tokenizer, draft.tokenizer
         self.t_vocab = target.model.config.vocab_size
         self.k, self.max_back = k, max_back
-        self.lm = CachedLM(draft.model)
+        self.lm = CachedLM(draft.model, draft=True)
         self.stop_ids = set(getattr(draft, "eos_token_ids", None) or [])
         self.target_text = IncrementalText(self.t_tok, skip_special=True)
         self.retokenizer = Retokenizer(self.d_tok)

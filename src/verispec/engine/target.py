@@ -10,12 +10,12 @@ and a cache that keeps every position so that the masks' sizes are the cache's.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
 import torch
 
-from . import exact as exact_attention
+from . import draft_attention, exact as exact_attention
 from ..compat import cache_kwargs, new_cache
 from ..layers import decoder_layers, keep_last
 from .cache import cache_length, crop_to, keep_positions
@@ -25,11 +25,16 @@ SUPPORTED_TREE_MODELS = ("llama", "qwen2", "gemma3_text", "gemma3")  # each chec
 
 
 class CachedLM:
-    def __init__(self, model: torch.nn.Module, exact: bool = False):
+    def __init__(self, model: torch.nn.Module, exact: bool = False, draft: bool = False):
         """exact: every pass over several tree nodes computes each row as a one-token pass
-        would (see verispec.engine.exact); the prompt is prefilled as model.generate() does."""
+        would (see verispec.engine.exact); the prompt is prefilled as model.generate() does.
+        draft: the model only drafts, so its one-token passes may take the cheaper one-row
+        attention where it pays (verispec.engine.draft_attention); never for a target."""
+        if exact and draft:
+            raise ValueError("a CachedLM is a target (exact) or a draft, not both")
         self.model = model
         self.exact = exact
+        self.fast_decode = draft and draft_attention.pays(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         config = model.config
@@ -109,7 +114,8 @@ class CachedLM:
         self.cache = self._new_cache()
 
     def _run(self, ids: torch.Tensor, logits_to_keep: int = 0, **extra) -> torch.Tensor:
-        with torch.inference_mode():
+        one_row = draft_attention.attention(self.model) if self.fast_decode and len(ids) == 1 else nullcontext()
+        with torch.inference_mode(), one_row:
             out = self.model(
                 input_ids=ids.to(self.device)[None], **cache_kwargs(self.model, self.cache),
                 use_cache=True, logits_to_keep=keep_last(logits_to_keep, len(ids), self.device), **extra,

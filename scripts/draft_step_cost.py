@@ -1,0 +1,73 @@
+"""A draft's one-token pass: with the model's own attention, with the draft attention
+(verispec.engine.draft_attention, what draft-model uses on the CPU), and with LM heads over the
+vocabulary's first n ids too (draft-model's `draft_vocab`, verispec.vocab_subset); and how many
+tokens of a text those ids cover (a token outside them is one the draft can never propose). Usage:
+    .venv/bin/python scripts/draft_step_cost.py [--draft int4:qwen2.5-coder-0.5b-instruct] [--vocab 16384,32768,65536]
+        [--dtype bfloat16] [--context 300] [--threads 2] [--text ../shared/data/spec_bench/question.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from verispec.draft_init import load_draft
+from verispec.engine.target import CachedLM
+from verispec.vocab_subset import subset_ids, vocab_subset_copy
+
+
+def one_token_ms(model: torch.nn.Module, context: list[int], repeats: int, draft: bool = True) -> float:
+    lm = CachedLM(model, draft=draft)
+    lm.extend(context[:-1])
+    samples = []
+    for i in range(repeats + 3):  # 3 warm-up steps
+        start = time.perf_counter()
+        lm.extend([context[-1]])
+        if i >= 3:
+            samples.append(time.perf_counter() - start)
+        lm.crop(len(context) - 1)
+    return statistics.median(samples) * 1000
+
+
+def text_tokens(draft, path: Path) -> list[int]:
+    """The token ids of a JSONL file's "turns" (Spec-Bench's questions), or of a plain text file."""
+    if path.suffix == ".jsonl":
+        texts = [t for line in path.read_text().splitlines() if line.strip() for t in json.loads(line)["turns"]]
+    else:
+        texts = [path.read_text()]
+    return [i for t in texts for i in draft.encode(t)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--draft", default="int4:qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--vocab", default="16384,32768,65536", help="comma-separated subset sizes")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    draft = load_draft(args.draft, None, dtype=args.dtype)
+    context = [(13 * i) % 5000 + 100 for i in range(args.context)]
+    tokens = text_tokens(draft, args.text) if args.text.exists() else []
+    own = one_token_ms(draft.model, context, args.repeats, draft=False)
+    full = one_token_ms(draft.model, context, args.repeats)
+    print(f"{draft.name}, {args.dtype}, context {args.context}, {args.threads} threads; coverage: {args.text.name}, "
+          f"{len(tokens)} tokens\n")
+    print("| attention | draft head | one-token pass | vs the model's own | tokens covered |\n| --- | --- | :-: | :-: | :-: |")
+    print(f"| the model's own | whole vocabulary | {own:.1f} ms | 1.00x | 100% |")
+    print(f"| draft | whole vocabulary | {full:.1f} ms | {full / own:.2f}x | 100% |")
+    for n in (int(v) for v in args.vocab.split(",")):
+        ids = set(subset_ids(draft, n).tolist())
+        ms = one_token_ms(vocab_subset_copy(draft, n).model, context, args.repeats)
+        covered = sum(t in ids for t in tokens) / max(1, len(tokens))
+        print(f"| draft | first {n} ids ({len(ids)} with the special ones) | {ms:.1f} ms | {ms / own:.2f}x | {covered:.1%} |")
+
+if __name__ == "__main__":
+    main()
