@@ -15,6 +15,7 @@ from ..engine.tree import TokenTree
 from ..vocab_subset import vocab_subset_copy
 from .base import DraftContext, Drafter, register
 from .draft_length import AdaptiveLength
+from .lookup_splice import LookupSplice
 from .tree_growth import CHILD_MODES, grow_dynamic, grow_static, static_shape
 
 
@@ -39,7 +40,9 @@ class DraftModel(Drafter):
     probability; 0: never. Default 0.4, transformers' assistant_confidence_threshold: on the Qwen
     pair it took k="auto" from 1.45x to 1.60x, README stop 17); draft_vocab (None: the whole
     vocabulary; n: the draft's LM head scores only the first n token ids and the special ones,
-    FR-Spec, see vocab_subset); k (chain length, or "auto": chosen
+    FR-Spec, see vocab_subset); lookup (0: off; n in 1..3: where the context's last n-gram or a
+    longer one occurred before, its continuation drafts instead of the model when it promises more
+    tokens per second, see lookup_splice; needs k="auto"); k (chain length, or "auto": chosen
     each step from the observed acceptance, the
     measured draft pass time and the target's pass time fitted over the draft length, from 0
     (no draft where drafting cannot pay) up to k_max; see draft_length); tree = None (a chain),
@@ -49,7 +52,7 @@ class DraftModel(Drafter):
 
     def __init__(self, target, draft=None, k: int | str = 5, tree: str | Sequence[Sequence[int]] | None = None,
                  depth: int = 6, top_k: int = 4, budget: int = 32, children: str = "topk", k_max: int = 12,
-                 min_confidence: float = 0.4, draft_vocab: int | None = None):
+                 min_confidence: float = 0.4, draft_vocab: int | None = None, lookup: int = 0):
         if draft is None:
             raise ValueError("method 'draft-model' needs a draft model: pass draft=verispec.load_model(...) "
                              "(CLI: --draft NAME_OR_PATH)")
@@ -73,6 +76,10 @@ class DraftModel(Drafter):
         if isinstance(tree, str) and tree not in ("chain", "dynamic"):
             raise ValueError(f"tree must be 'chain' (or None: a chain of k), 'dynamic', or a static tree as a list "
                              f"of rank paths, e.g. [[0], [1], [0, 0]]; got {tree!r}")
+        if lookup and (self.adaptive is None or tree not in (None, "chain")):
+            raise ValueError("draft-model's lookup weighs a prompt-lookup continuation against the draft by the measured "
+                             "costs: it needs k='auto' and a chain (tree=None)")
+        self.splice = LookupSplice(lookup) if lookup else None
         self.lm = CachedLM(draft.model, draft=True)
         self.k, self.depth, self.top_k, self.budget, self.children = int(k), int(depth), int(top_k), int(budget), children
         self.shape = None if tree in (None, "chain", "dynamic") else static_shape(tree)
@@ -86,11 +93,17 @@ class DraftModel(Drafter):
             self.adaptive.begin()
 
     def propose(self, ctx: DraftContext) -> TokenTree:
+        if self.splice:
+            self.splice.begin_step()
         if ctx.max_depth == 0:
             return TokenTree.chain(ctx.tokens[-1])
         if self.shape is not None or self.dynamic:
             return self._propose_tree(ctx)
         k = min(self.adaptive.next() if self.adaptive else self.k, ctx.max_depth)
+        copied = self.splice.choose(ctx.tokens, ctx.max_depth, self.adaptive, k) if self.splice else []
+        if copied:  # the context's continuation beats drafting: free tokens (the draft's cache catches up later)
+            self.adaptive.drafted(0, 0.0)
+            return TokenTree.chain(ctx.tokens[-1], copied)
         if k == 0:  # drafting does not pay now: a plain step (the draft's cache catches up later)
             self.adaptive.drafted(0, 0.0)
             return TokenTree.chain(ctx.tokens[-1])
@@ -124,8 +137,11 @@ class DraftModel(Drafter):
         return float(p[token]) < self.min_confidence
 
     def observe(self, tree, target_logits, verdict, new_tokens, features=None) -> None:
-        if self.adaptive and tree.is_chain:
-            self.adaptive.verified(tree.num_drafted, len(verdict.accepted))
+        copied = self.splice is not None and self.splice.used
+        if self.splice:
+            self.splice.observe(new_tokens)
+        if self.adaptive and tree.is_chain:  # a copied chain times the target's pass, but is not the draft's acceptance
+            self.adaptive.verified(tree.num_drafted, None if copied else len(verdict.accepted))
 
     def _propose_tree(self, ctx: DraftContext) -> TokenTree:
         root_logits = self._catch_up(ctx.tokens)

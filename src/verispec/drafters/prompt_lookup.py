@@ -28,10 +28,10 @@ def find_continuations(tokens: list[int] | np.ndarray, k: int, max_ngram: int, m
     recent match first, since recent text predicts the next tokens best. Shorter n-grams only
     add matches while fewer than max_matches were found (a start already found is not repeated).
     """
-    return [cont for _, cont in _matches(tokens, k, max_ngram, min_ngram, max_matches)]
+    return [cont for _, cont in find_matches(tokens, k, max_ngram, min_ngram, max_matches)]
 
 
-def _matches(tokens, k: int, max_ngram: int, min_ngram: int, max_matches: int) -> list[tuple[int, list[int]]]:
+def find_matches(tokens, k: int, max_ngram: int, min_ngram: int, max_matches: int) -> list[tuple[int, list[int]]]:
     """find_continuations' matches as (n-gram length, continuation)."""
     seq = np.asarray(tokens, dtype=np.int64)
     found: list[tuple[int, list[int]]] = []
@@ -93,7 +93,7 @@ class PromptLookup(Drafter):
             return continuation_trie(ctx.tokens[-1], found, self.budget, k)
         if self.adaptive is None:
             return TokenTree.chain(ctx.tokens[-1], find_continuation(ctx.tokens, k, self.max_ngram, self.min_ngram))
-        matches = _matches(ctx.tokens, k, self.max_ngram, self.min_ngram, 1)
+        matches = find_matches(ctx.tokens, k, self.max_ngram, self.min_ngram, 1)
         n, continuation = matches[0] if matches else (0, [])
         drafted = continuation[:self.adaptive.next(self._acceptance(n))] if continuation else []
         self._step = (n, continuation, len(drafted))
