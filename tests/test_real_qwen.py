@@ -78,7 +78,7 @@ def check_greedy(method: str, max_new: int, **options) -> float:
 
 
 @pytest.mark.parametrize("method,options", [
-    ("draft-model", {"k": "auto"}),
+    ("draft-model", {"k": "auto", "lookup": 2}),  # the model drafts, and the context's continuation where it pays
     ("draft-model", {"tree": "dynamic", "depth": 5, "top_k": 3, "budget": 16}),
     ("draft-model", {"draft": "int4", "k": 4}),  # the target's own int4 copy (its products in bf16)
     ("prompt-lookup", {}),
@@ -92,7 +92,7 @@ def test_qwen_greedy_identical_to_generate(method, options):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,options", [
     ("draft-model", {"k": 4}),
-    ("draft-model", {"k": "auto"}),
+    ("draft-model", {"k": "auto", "lookup": 2}),  # the model drafts, and the context's continuation where it pays
     ("draft-model", {"tree": [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]}),
     ("draft-model", {"tree": "dynamic"}),
     ("prompt-lookup", {}),

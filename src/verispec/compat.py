@@ -6,6 +6,8 @@ functions that need it, so importing verispec stays fast.
 
     KV cache       new_cache, cache_length, crop_cache, gather_cache, select_cache_rows, cache_append
     forward        cache_keyword, cache_kwargs      (`cache=` on new versions, `past_key_values=` on old)
+    attention      register_attention, attention_implementation, sdpa_attention
+                                                    (a named attention function with sdpa's masks, set per pass)
     tokenizer      chat_template_ids                (apply_chat_template's return type -> list[int])
     loading        transformers_progress            (incl. the GGUF loader's bare tqdm)
                    drop_quantizer                   (a dequantized GGUF model saved as plain weights)
@@ -23,6 +25,45 @@ import torch
 
 if TYPE_CHECKING:
     from transformers import Cache
+
+# ----------------------------------------------------------------------------- attention
+
+_registered_attention: set[str] = set()
+
+
+def register_attention(name: str, function) -> str:
+    """Register an attention function under `name` (idempotent), with sdpa's mask builder under
+    the same name, so that a model whose config names it builds the masks sdpa gets; returns name."""
+    if name not in _registered_attention:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
+        _registered_attention.add(name)
+    return name
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """Run `model` with the registered attention `name` inside the block. transformers' attention
+    layers and mask builders read config._attn_implementation at every forward, so setting it
+    is enough; the previous value comes back after (a model shared with another user stays as it was)."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own sdpa attention function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
 
 # ----------------------------------------------------------------------------- KV cache
 

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 
 import torch
 
+from ..compat import attention_implementation, register_attention, sdpa_attention
 from .exact import one_row_attention
 
 NAME = "verispec_draft"
-_registered = False
 
 
 def pays(model: torch.nn.Module) -> bool:
@@ -35,18 +35,6 @@ def pays(model: torch.nn.Module) -> bool:
     return weight.device.type == "cpu" and model.config._attn_implementation == "sdpa"
 
 
-def register() -> str:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(NAME, draft_attention_function)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # masks exactly as for sdpa
-        _registered = True
-    return NAME
-
-
 def draft_attention_function(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, **kwargs):
     """transformers' attention-function signature (query [B, H, q, D]); (output [B, q, H, D], None)."""
@@ -54,18 +42,11 @@ def draft_attention_function(module, query: torch.Tensor, key: torch.Tensor, val
     if one_row and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and not kwargs.get("dropout"):
         scaling = kwargs.get("scaling")
         return one_row_attention(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 @contextmanager
 def attention(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` with the draft attention inside the block (its previous one comes back after)."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = register()
-    try:
+    with attention_implementation(model, register_attention(NAME, draft_attention_function)):
         yield
-    finally:
-        config._attn_implementation = before

@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_hooks
 
+from ..compat import attention_implementation, register_attention
+
 NAME = "verispec_exact"
 AUTO = "auto"
-_registered = False
 
 
 def resolve(exact: bool | str, model: torch.nn.Module) -> bool:
@@ -63,15 +64,7 @@ def resolve(exact: bool | str, model: torch.nn.Module) -> bool:
 
 def register() -> str:
     """Register the exact attention function (idempotent); returns its name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(NAME, exact_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # masks exactly as for sdpa
-        _registered = True
-    return NAME
+    return register_attention(NAME, exact_attention)
 
 
 def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -142,17 +135,9 @@ def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 @contextmanager
 def attention(model) -> Iterator[None]:
-    """Run `model` with the exact attention (and row-invariant linears) inside the block.
-    transformers' attention layers and mask builders read config._attn_implementation at
-    every forward, so setting it is enough; the previous value comes back after."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = register()
-    try:
-        with row_invariant_linears(model):
-            yield
-    finally:
-        config._attn_implementation = before
+    """Run `model` with the exact attention (and row-invariant linears) inside the block."""
+    with attention_implementation(model, register()), row_invariant_linears(model):
+        yield
 
 
 @lru_cache(maxsize=None)
