@@ -20,17 +20,21 @@ from verispec.engine.target import CachedLM
 from verispec.vocab_subset import subset_ids, vocab_subset_copy
 
 
-def one_token_ms(model: torch.nn.Module, context: list[int], repeats: int, draft: bool = True) -> float:
-    lm = CachedLM(model, draft=draft)
-    lm.extend(context[:-1])
-    samples = []
-    for i in range(repeats + 3):  # 3 warm-up steps
-        start = time.perf_counter()
-        lm.extend([context[-1]])
-        if i >= 3:
-            samples.append(time.perf_counter() - start)
-        lm.crop(len(context) - 1)
-    return statistics.median(samples) * 1000
+def one_token_ms(models: dict[str, tuple[torch.nn.Module, bool]], context: list[int], repeats: int) -> dict[str, float]:
+    """Median one-token step per variant (its model and whether it runs as a draft), the variants'
+    steps interleaved so that a slow stretch of a shared machine hits them all alike."""
+    lms = {name: CachedLM(model, draft=draft) for name, (model, draft) in models.items()}
+    for lm in lms.values():
+        lm.extend(context[:-1])
+    samples: dict[str, list[float]] = {name: [] for name in lms}
+    for i in range(repeats + 3):  # 3 warm-up rounds
+        for name, lm in lms.items():
+            start = time.perf_counter()
+            lm.extend([context[-1]])
+            if i >= 3:
+                samples[name].append(time.perf_counter() - start)
+            lm.crop(len(context) - 1)
+    return {name: statistics.median(v) * 1000 for name, v in samples.items()}
 
 
 def text_tokens(draft, path: Path) -> list[int]:
@@ -48,7 +52,7 @@ def main() -> None:
     ap.add_argument("--vocab", default="16384,32768,65536", help="comma-separated subset sizes")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--context", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl")
     args = ap.parse_args()
@@ -56,18 +60,20 @@ def main() -> None:
     draft = load_draft(args.draft, None, dtype=args.dtype)
     context = [(13 * i) % 5000 + 100 for i in range(args.context)]
     tokens = text_tokens(draft, args.text) if args.text.exists() else []
-    own = one_token_ms(draft.model, context, args.repeats, draft=False)
-    full = one_token_ms(draft.model, context, args.repeats)
-    print(f"{draft.name}, {args.dtype}, context {args.context}, {args.threads} threads; coverage: {args.text.name}, "
-          f"{len(tokens)} tokens\n")
+    sizes = [int(v) for v in args.vocab.split(",")]
+    variants = {"own": (draft.model, False), "draft": (draft.model, True)}
+    variants.update({n: (vocab_subset_copy(draft, n).model, True) for n in sizes})
+    ms = one_token_ms(variants, context, args.repeats)
+    own = ms["own"]
+    print(f"{draft.name}, {args.dtype}, context {args.context}, {args.threads} threads, medians of {args.repeats} "
+          f"interleaved steps; coverage: {args.text.name}, {len(tokens)} tokens\n")
     print("| attention | draft head | one-token pass | vs the model's own | tokens covered |\n| --- | --- | :-: | :-: | :-: |")
     print(f"| the model's own | whole vocabulary | {own:.1f} ms | 1.00x | 100% |")
-    print(f"| draft | whole vocabulary | {full:.1f} ms | {full / own:.2f}x | 100% |")
-    for n in (int(v) for v in args.vocab.split(",")):
+    print(f"| draft | whole vocabulary | {ms['draft']:.1f} ms | {ms['draft'] / own:.2f}x | 100% |")
+    for n in sizes:
         ids = set(subset_ids(draft, n).tolist())
-        ms = one_token_ms(vocab_subset_copy(draft, n).model, context, args.repeats)
         covered = sum(t in ids for t in tokens) / max(1, len(tokens))
-        print(f"| draft | first {n} ids ({len(ids)} with the special ones) | {ms:.1f} ms | {ms / own:.2f}x | {covered:.1%} |")
+        print(f"| draft | first {n} ids ({len(ids)} with the special ones) | {ms[n]:.1f} ms | {ms[n] / own:.2f}x | {covered:.1%} |")
 
 if __name__ == "__main__":
     main()
