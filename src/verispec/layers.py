@@ -28,6 +28,16 @@ def swap_modules(model: torch.nn.Module, swaps: dict[torch.nn.Module, torch.nn.M
                 setattr(parent, name, swaps[child])
 
 
+def copy_swapped(model: torch.nn.Module, swaps: dict[torch.nn.Module, torch.nn.Module]) -> torch.nn.Module:
+    """A copy of `model` (eval mode) whose module tree is new, with each key of `swaps` replaced by
+    its value, and every parameter and buffer the original's own tensor, shared read-only: the copy
+    costs only what the swapped-in modules hold. `model` itself is unchanged."""
+    # deepcopy's memo: the new modules stand in for the old ones, and tensors copy to themselves
+    memo = {id(old): new for old, new in swaps.items()}
+    memo.update({id(t): t for t in (*model.parameters(), *model.buffers())})
+    return copy.deepcopy(model, memo).eval()
+
+
 def check_skip(skip, total: int) -> list[int]:
     """Sorted, distinct layer indices in [0, total) that leave at least one layer."""
     try:

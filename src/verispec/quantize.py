@@ -30,13 +30,12 @@ them, and prefills then run through the kernel).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
 import torch
 
-from .layers import swap_modules
+from .layers import copy_swapped, swap_modules
 
 MODES = ("int4", "int8")
 GROUP = 32  # int4 group size along K: GGUF's Q4_K sub-block, so a Q4_K model's grid is nearly kept
@@ -182,9 +181,6 @@ def quantized_copy(lm: Any, mode: str, keep_full: bool = True) -> Any:
     swaps = _quantized_linears(lm.model, mode, keep_full)
     if not swaps:
         raise ValueError(f"{lm.name}: no linear layer could be quantized to {mode}")
-    # deepcopy's memo: the quantized layers stand in for the linear ones, and tensors copy to themselves
-    memo: dict[int, Any] = {id(linear): quantized for linear, quantized in swaps.items()}
-    memo.update({id(t): t for t in (*lm.model.parameters(), *lm.model.buffers())})
-    model = copy.deepcopy(lm.model, memo).eval()
+    model = copy_swapped(lm.model, swaps)
     model.verispec_quantization = mode  # its config still names the original's directory: not its weights
     return dataclasses.replace(lm, model=model, name=f"{lm.name}[{mode}]")

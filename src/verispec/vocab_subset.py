@@ -19,12 +19,12 @@ downstream (argmax, softmax, sampling, the confidence stop) changes.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
 import torch
 
+from .layers import copy_swapped
 from .quantize import quantized_linear
 
 ALIGN = 64  # the subset's size is a multiple of this (the int4 kernel tiles rows by 16)
@@ -102,7 +102,4 @@ def vocab_subset_copy(lm: Any, n: int) -> Any:
     # a quantized head that kept its original weight for long passes (a prefill) keeps its rows so
     inner = quantized_linear(rows, mode, keep_full=getattr(head, "full", None) is not None) if mode else rows
     subset = SubsetHead(inner, ids.to(weight.device), vocab)
-    memo: dict[int, Any] = {id(head): subset}
-    memo.update({id(t): t for t in (*lm.model.parameters(), *lm.model.buffers())})
-    model = copy.deepcopy(lm.model, memo).eval()
-    return dataclasses.replace(lm, model=model, name=f"{lm.name}[vocab {len(ids)}]")
+    return dataclasses.replace(lm, model=copy_swapped(lm.model, {head: subset}), name=f"{lm.name}[vocab {len(ids)}]")

@@ -16,8 +16,8 @@ cache catches up over whatever the target committed at its next draft.
 """
 from __future__ import annotations
 
-from .draft_length import Acceptance, AdaptiveLength, best_length, expected_tokens
-from .prompt_lookup import find_matches
+from .draft_length import AdaptiveLength, best_length, expected_tokens
+from .prompt_lookup import NgramAcceptance, find_matches
 
 MAX_NGRAM = 3  # prompt-lookup's default: longer suffixes are rarer and add little
 
@@ -28,7 +28,7 @@ class LookupSplice:
             raise ValueError(f"lookup is the smallest suffix n-gram whose continuation may replace a draft, "
                              f"1 to {MAX_NGRAM} (0: off); got {min_ngram!r}")
         self.min_ngram = int(min_ngram)
-        self._by_ngram: dict[int, Acceptance] = {}
+        self._acceptance = NgramAcceptance()
         self._step: tuple[int, list[int]] | None = None  # this step's match: (n-gram length, continuation)
         self.used = False  # whether this step's draft is the lookup continuation
 
@@ -61,9 +61,4 @@ class LookupSplice:
             return
         n, continuation = self._step
         self._step = None
-        seen = min(len(continuation), len(new_tokens))
-        kept = next((i for i in range(seen) if continuation[i] != new_tokens[i]), seen)
-        self._acceptance(n).add(seen, kept)
-
-    def _acceptance(self, n: int) -> Acceptance:
-        return self._by_ngram.setdefault(n, Acceptance())
+        self._acceptance.score(n, continuation, new_tokens)

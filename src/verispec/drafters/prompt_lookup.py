@@ -55,6 +55,24 @@ def find_continuation(tokens: list[int] | np.ndarray, k: int, max_ngram: int, mi
     return found[0] if found else []
 
 
+class NgramAcceptance:
+    """How continuations of matches fare, one Acceptance per n-gram length (a 3-gram match continues
+    the text much more often than a 1-gram one). Drafting them is free, so a continuation is scored
+    against the committed tokens whether it was drafted or not."""
+
+    def __init__(self):
+        self._by_ngram: dict[int, Acceptance] = {}
+
+    def __call__(self, n: int) -> Acceptance:
+        return self._by_ngram.setdefault(n, Acceptance())
+
+    def score(self, n: int, continuation: list[int], new_tokens: list[int]) -> None:
+        """The continuation of an n-gram match against what the target then committed."""
+        seen = min(len(continuation), len(new_tokens))
+        kept = next((i for i in range(seen) if continuation[i] != new_tokens[i]), seen)
+        self(n).add(seen, kept)
+
+
 @register("prompt-lookup")
 class PromptLookup(Drafter):
     """Options: k (draft length, or "auto": chosen each step, 0 included, up to k_max; see the
@@ -76,7 +94,7 @@ class PromptLookup(Drafter):
         self.k, self.max_ngram, self.min_ngram = int(k), int(max_ngram), int(min_ngram)
         self.tree_width, self.budget = int(tree_width), int(budget)
         self.adaptive = AdaptiveLength(k_start=min(4, self.k), k_max=self.k, probe_every=None) if auto else None
-        self._by_ngram: dict[int, Acceptance] = {}
+        self._acceptance = NgramAcceptance()
         self._step: tuple[int, list[int], int] | None = None  # this step's (n-gram length, continuation, drafted)
 
     def begin(self, prompt: list[int]) -> None:
@@ -107,9 +125,4 @@ class PromptLookup(Drafter):
         self.adaptive.verified(drafted)
         # the whole continuation against what was committed: the drafted part's verdict, and
         # for free whether the next undrafted token would have been kept too
-        seen = min(len(continuation), len(new_tokens))
-        kept = next((i for i in range(seen) if continuation[i] != new_tokens[i]), seen)
-        self._acceptance(n).add(seen, kept)
-
-    def _acceptance(self, n: int) -> Acceptance:
-        return self._by_ngram.setdefault(n, Acceptance())
+        self._acceptance.score(n, continuation, new_tokens)
