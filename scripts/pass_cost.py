@@ -2,7 +2,7 @@
 
 This is the room speculative decoding has: a draft of n tokens is worth verifying when
 the tokens it adds per pass outweigh this ratio. Usage:
-    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300] [--threads 1] [--no-pack]
+    .venv/bin/python scripts/pass_cost.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--context 300] [--threads 1] [--no-pack] [--exact]
 """
 from __future__ import annotations
 
@@ -45,19 +45,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-pack", action="store_true",
                     help="keep torch's float32 linears (load_model packs them for oneDNN on the CPU by default)")
+    ap.add_argument("--tokens", type=lambda s: [int(n) for n in s.split(",")], default=[2, 4, 8, 12, 16, 24, 32, 48, 64],
+                    help="comma-separated pass sizes to time (default 2,4,8,12,16,24,32,48,64)")
+    ap.add_argument("--exact", action="store_true",
+                    help="time exact-mode passes (verispec.engine.exact: every row as a one-token pass computes it)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = verispec.load_model(args.model, dtype=args.dtype, pack_linears=False if args.no_pack else None)
-    lm = CachedLM(loaded.model)
+    lm = CachedLM(loaded.model, exact=args.exact)
     context = [(13 * i) % 5000 + 100 for i in range(args.context)]
     time_pass(lm, context, TokenTree.chain(context[-1]), 3)  # warm-up
     one = time_pass(lm, context, TokenTree.chain(context[-1]), args.repeats)
     packed = sum(isinstance(m, PackedLinear) for m in loaded.model.modules())
     print(f"{args.model} {args.dtype}, context {args.context}, torch threads {torch.get_num_threads()}, "
-          f"{packed} linears packed for oneDNN")
+          f"{packed} linears packed for oneDNN{', exact mode' if args.exact else ''}")
     print(f"one-token pass: {one * 1000:.1f} ms\n\n| new tokens | chain | tree (4D mask) |\n|---:|---:|---:|")
-    for n in (2, 4, 8, 12, 16, 24, 32, 48, 64):
+    for n in args.tokens:
         chain = time_pass(lm, context, TokenTree.chain(context[-1], [5 + i for i in range(n - 1)]), args.repeats)
         tree = time_pass(lm, context, binary_tree(n, context[-1]), args.repeats)
         print(f"| {n} | {chain / one:.2f}x | {tree / one:.2f}x |")

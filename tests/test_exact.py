@@ -73,14 +73,16 @@ def test_a_chain_pass_is_bit_identical_to_one_token_passes(target, seed, length,
     assert torch.equal(together, one_by_one)
 
 
-def test_a_tree_pass_is_bit_identical_to_decoding_each_path(target):
+TREES = [
+    (-1, 0, 0, 1, 1, 2, 3),  # 0; 1 2; 3 4 under 1, 5 under 2; 6 under 3
+    (-1, 0, 1, 2, 3, 4, 5, 0, 7, 8, 2, 10),  # a 7-long main chain (more than a call's rows), two side branches
+]
+
+
+@pytest.mark.parametrize("parents", TREES)
+def test_a_tree_pass_is_bit_identical_to_decoding_each_path(target, parents):
     ctx = context(7, 150)
     prompt = ctx[:-1]
-    #        0
-    #      1   2
-    #     3 4   5
-    #     6
-    parents = (-1, 0, 0, 1, 1, 2, 3)
     tree = TokenTree(tuple(context(8, len(parents))), parents)
     together = tree_rows(target.model, True, prompt, tree)
     for node in range(len(parents)):

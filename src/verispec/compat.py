@@ -6,7 +6,7 @@ functions that need it, so importing verispec stays fast.
 
     KV cache       new_cache, cache_length, crop_cache, gather_cache, select_cache_rows, cache_append
     forward        cache_keyword, cache_kwargs      (`cache=` on new versions, `past_key_values=` on old)
-    attention      register_attention, attention_implementation, sdpa_attention
+    attention      register_attention, attention_implementation, sdpa_attention, attention_scale
                                                     (a named attention function with sdpa's masks, set per pass)
     tokenizer      chat_template_ids                (apply_chat_template's return type -> list[int])
     loading        transformers_progress            (incl. the GGUF loader's bare tqdm)
@@ -56,6 +56,12 @@ def attention_implementation(model: Any, name: str) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = before
+
+
+def attention_scale(query: torch.Tensor, kwargs: dict) -> float:
+    """The score scale an attention function is called with (`scaling`; 1/sqrt(head dim) if none)."""
+    scaling = kwargs.get("scaling")
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
 
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):

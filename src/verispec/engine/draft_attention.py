@@ -1,4 +1,4 @@
-"""A draft model's attention on the CPU: its one-token steps through `exact.one_row_attention`.
+"""A draft model's attention on the CPU: its one-token steps through `one_row_attention`.
 
 Why: a draft decodes one token a pass, and PyTorch's CPU flash-attention kernel is slow for a
 single query row: profiling the int4 Qwen2.5-Coder-0.5B draft's one-token step (context 300,
@@ -22,8 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..compat import attention_implementation, register_attention, sdpa_attention
-from .exact import one_row_attention
+from ..compat import attention_implementation, attention_scale, register_attention, sdpa_attention
 
 NAME = "verispec_draft"
 
@@ -40,9 +39,23 @@ def draft_attention_function(module, query: torch.Tensor, key: torch.Tensor, val
     """transformers' attention-function signature (query [B, H, q, D]); (output [B, q, H, D], None)."""
     one_row = query.shape[2] == 1 and attention_mask is None
     if one_row and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and not kwargs.get("dropout"):
-        scaling = kwargs.get("scaling")
-        return one_row_attention(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
+        return one_row_attention(query, key, value, attention_scale(query, kwargs)), None
     return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def one_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q K^T * scale) V for one query row, in float32: query [B, H, 1, D], key/value
+    [B, Hkv, kv, D]; returns [B, 1, H, D] in the query's dtype. The H / Hkv query heads that
+    share a key head are the rows of one product, as many for every call of a model, so the
+    kernels' shapes depend only on the key count. Not PyTorch's flash kernel: for one query row it costs 8x this here
+    (Qwen2.5-1.5B's shapes, 300 keys: 0.37 vs 0.04 ms; 1500 keys: 1.9 vs 0.14 ms), and its
+    scores are float32 too, so this is no less accurate."""
+    b, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(b, kv_heads, heads // kv_heads, dim).float()  # [B, Hkv, H / Hkv, D]
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, H / Hkv, kv]
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # [B, Hkv, H / Hkv, D]
+    return out.reshape(b, 1, heads, dim).to(query.dtype)
 
 
 @contextmanager

@@ -10,12 +10,13 @@ difference in an attention output then flips near-tie argmaxes.
 
 The mechanism is transformers' own: an attention function registered under the name
 "verispec_exact" (AttentionInterface, with sdpa's mask builder in AttentionMaskInterface).
-Every row is computed by `one_row_attention` (float32 scores, softmax and
-weighted sum for a single query row): a one-token decode is one call; a pass with n rows (or
-one row under a mask: a single draft below the first root) becomes n calls, row r over
-exactly the keys it may see, gathered in cache order (the context, then its ancestors, as the
-cache of that path would hold them during decoding) and with no mask: the same call, on the
-same numbers, as a one-token pass at that position. Nothing of the model's code is copied or patched.
+Its arithmetic is `exact_rows`: every call, a one-token decode's included, holds a fixed
+number of query rows over a key count padded to a block, each row masked to exactly the keys it
+may see, in cache order (the context, then its ancestors, as the cache of that path would hold
+them during decoding). A token's row is then the same products over the same numbers in
+decoding and in verification, whichever rows share its call; a pass's rows go in as few calls
+as that allows (a chain's in calls of `exact_rows.rows_per_call` rows). Nothing of the model's code is copied
+or patched.
 
 Linear layers. Where bf16/fp16 matrix products go through oneDNN (CPUs with avx512_bf16 or
 AMX), a one-row product takes another kernel (a GEMV) than a product over 2 or more rows,
@@ -30,7 +31,7 @@ can differ from model.generate()'s in bf16 as any change of kernel can (measured
 Scope: batch size 1 (verispec's loop); any model whose attention goes through
 transformers' attention interface (Llama, Qwen2, Gemma-3: the tree-checked models). The
 prompt and the first root are prefilled with the model's own attention, as model.generate()
-does (CachedLM in exact mode), so only draft verification pays for the row-by-row attention.
+does (CachedLM in exact mode), so only decoding and draft verification take this attention.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_hooks
 
-from ..compat import attention_implementation, register_attention
+from ..compat import attention_implementation, attention_scale, register_attention
+from . import exact_rows
 
 NAME = "verispec_exact"
 AUTO = "auto"
@@ -73,64 +75,41 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     returns (output [B, q, H, D], None)."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("exact attention has no logit soft-capping or attention sinks; use exact=False")
-    scaling = kwargs.get("scaling")
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q_len = query.shape[2]
-    if q_len == 1 and attention_mask is None:  # a one-token decode
-        return one_row_attention(query, key, value, scale), None
     if query.shape[0] != 1:
         raise NotImplementedError("exact attention runs one sequence at a time (batch size 1)")
-    rows = []
-    for r, keys in enumerate(_row_keys(attention_mask, q_len, key.shape[2])):
+    scale, q_len = attention_scale(query, kwargs), query.shape[2]
+    if q_len == 1 and attention_mask is None:  # a decode step: one call over the whole cache
+        return exact_rows.attend(query, key, value, [key.shape[2]], scale).to(query.dtype), None
+    out = query.new_empty(1, q_len, query.shape[1], query.shape[3])
+    per_call = exact_rows.rows_per_call(query.shape[1] // key.shape[1])
+    for rows, keys, lengths in _plan(attention_mask, q_len, key.shape[2], per_call):
         if isinstance(keys, int):  # a prefix of the cache: a view, as decoding reads it
             k, v = key[:, :, :keys], value[:, :, :keys]
         else:
             k, v = key.index_select(2, keys), value.index_select(2, keys)
-        rows.append(one_row_attention(query[:, :, r:r + 1], k, v, scale))
-    return torch.cat(rows, dim=1), None
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            at = slice(rows[0], rows[-1] + 1)
+            out[:, at] = exact_rows.attend(query[:, :, at], k, v, lengths, scale)  # the copy casts
+        else:  # a tree path's rows
+            at = torch.tensor(rows)
+            out[:, at] = exact_rows.attend(query.index_select(2, at), k, v, lengths, scale).to(out.dtype)
+    return out, None
 
 
-def one_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q K^T * scale) V for one query row, in float32: query [B, H, 1, D], key/value
-    [B, Hkv, kv, D]; returns [B, 1, H, D] in the query's dtype. The H / Hkv query heads that
-    share a key head are the rows of one product, as many for every call of a model, so the
-    kernels' shapes depend only on the key count, which a token's row has the same in decoding
-    and in verification. Not PyTorch's flash kernel: for one query row it costs 8x this here
-    (Qwen2.5-1.5B's shapes, 300 keys: 0.37 vs 0.04 ms; 1500 keys: 1.9 vs 0.14 ms), and its
-    scores are float32 too, so this is no less accurate."""
-    b, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(b, kv_heads, heads // kv_heads, dim).float()  # [B, Hkv, H / Hkv, D]
-    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # [B, Hkv, H / Hkv, kv]
-    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())  # [B, Hkv, H / Hkv, D]
-    return out.reshape(b, 1, heads, dim).to(query.dtype)
-
-
-def _row_keys(mask: torch.Tensor | None, q_len: int, kv_len: int) -> list:
-    """Per query row, the keys it sees: an int n for the cache prefix [0, n), else an index
-    tensor. Every layer of a pass gets the same mask object, so the rows are worked out once
-    per pass and kept on the mask itself (they live and go with it)."""
+def _plan(mask: torch.Tensor | None, q_len: int, kv_len: int, per_call: int) -> list:
+    """exact_rows.plan for this pass. Every layer of a pass gets the same mask object, so the
+    plan is worked out once per pass and kept on the mask itself (it lives and goes with it)."""
     if mask is None:
-        past = kv_len - q_len
-        return [past + r + 1 for r in range(q_len)]
-    memo = getattr(mask, "_verispec_row_keys", None)
+        return exact_rows.plan(None, q_len, kv_len, per_call)
+    memo = getattr(mask, "_verispec_plan", None)
     if memo is not None and memo[0] == (q_len, kv_len):
         return memo[1]
-    visible = _visible(mask, kv_len)
-    rows = []
-    for r in range(q_len):
-        keys = visible[r].nonzero().flatten()
-        length = int(keys.numel())
-        rows.append(length if length and int(keys[-1]) == length - 1 else keys)
-    mask._verispec_row_keys = ((q_len, kv_len), rows)
-    return rows
-
-
-def _visible(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[q, kv] bool: which keys each query row may see."""
     m = mask[0, 0] if mask.dim() == 4 else mask
     m = m[:, :kv_len]
-    return m if m.dtype == torch.bool else m == 0
+    visible = m if m.dtype == torch.bool else m == 0
+    calls = exact_rows.plan([tuple(row.nonzero().flatten().tolist()) for row in visible], q_len, kv_len, per_call)
+    mask._verispec_plan = ((q_len, kv_len), calls)
+    return calls
 
 
 @contextmanager
