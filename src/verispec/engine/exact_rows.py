@@ -28,9 +28,9 @@ from functools import lru_cache
 
 import torch
 
-QUERY_ROWS = 8  # query-head rows per key head a call holds. Measured (AVX2, 2 threads, smollm2's
-# shapes, context 300): a decode call costs 1.4x the unpadded one-row call at 12 rows, and merging
-# rows saves ~100 us of per-call overhead each; 8 keeps decoding within a few % (README, stop 19).
+QUERY_ROWS = 8  # query-head rows per key head a call holds. Measured (scripts/exact_rows_cost.py,
+# AVX2, 2 threads, smollm2, context 300; README, stop 19): at 12 (4 tokens a call) a decode pass
+# cost 1.06x the one-call-per-row one; at 8 (2 tokens) 0.96x, with 8-row passes 0.88x.
 KEY_BLOCK = 64  # key counts are padded to multiples of this: a call's shapes change every 64 tokens
 
 
@@ -45,8 +45,8 @@ def padded_keys(n: int) -> int:
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
            scale: float) -> torch.Tensor:
-    """One call. query [1, H, m, D] with m <= rows_per_call(H / Hkv) rows; key/value [1, Hkv, >= max(lengths), D],
-    row i seeing key[:, :, :lengths[i]]; every length with the same padded_keys. Returns a float32
+    """One call. query [1, H, m, D] with m <= rows_per_call(H / Hkv) rows; key/value
+    [1, Hkv, >= max(lengths), D], row i seeing key[:, :, :lengths[i]]; every length with the same padded_keys. Returns a float32
     [1, m, H, D] view (the caller's copy into its output casts it)."""
     _, heads, m, dim = query.shape
     kv_heads = key.shape[1]
