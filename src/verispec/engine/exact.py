@@ -82,34 +82,40 @@ def exact_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         return exact_rows.attend(query, key, value, [key.shape[2]], scale).to(query.dtype), None
     out = query.new_empty(1, q_len, query.shape[1], query.shape[3])
     per_call = exact_rows.rows_per_call(query.shape[1] // key.shape[1])
-    for rows, keys, lengths in _plan(attention_mask, q_len, key.shape[2], per_call):
+    for at, keys, lengths in _plan(attention_mask, q_len, key.shape[2], per_call):
         if isinstance(keys, int):  # a prefix of the cache: a view, as decoding reads it
             k, v = key[:, :, :keys], value[:, :, :keys]
         else:
             k, v = key.index_select(2, keys), value.index_select(2, keys)
-        if rows == list(range(rows[0], rows[-1] + 1)):
-            at = slice(rows[0], rows[-1] + 1)
+        if isinstance(at, slice):
             out[:, at] = exact_rows.attend(query[:, :, at], k, v, lengths, scale)  # the copy casts
         else:  # a tree path's rows
-            at = torch.tensor(rows)
             out[:, at] = exact_rows.attend(query.index_select(2, at), k, v, lengths, scale).to(out.dtype)
     return out, None
 
 
 def _plan(mask: torch.Tensor | None, q_len: int, kv_len: int, per_call: int) -> list:
-    """exact_rows.plan for this pass. Every layer of a pass gets the same mask object, so the
-    plan is worked out once per pass and kept on the mask itself (it lives and goes with it)."""
+    """exact_rows.plan for this pass, each call's rows as the selector that picks them (a slice
+    where they are consecutive, else an index tensor). Every layer of a pass gets the same mask
+    object, so a masked pass's plan is worked out once and kept on the mask itself (it lives and
+    goes with it)."""
     if mask is None:
-        return exact_rows.plan(None, q_len, kv_len, per_call)
+        return _selected(exact_rows.plan(None, q_len, kv_len, per_call))
     memo = getattr(mask, "_verispec_plan", None)
     if memo is not None and memo[0] == (q_len, kv_len):
         return memo[1]
     m = mask[0, 0] if mask.dim() == 4 else mask
     m = m[:, :kv_len]
     visible = m if m.dtype == torch.bool else m == 0
-    calls = exact_rows.plan([tuple(row.nonzero().flatten().tolist()) for row in visible], q_len, kv_len, per_call)
+    calls = _selected(exact_rows.plan([tuple(row.nonzero().flatten().tolist()) for row in visible],
+                                      q_len, kv_len, per_call))
     mask._verispec_plan = ((q_len, kv_len), calls)
     return calls
+
+
+def _selected(calls: list) -> list:
+    return [(slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows),
+             keys, lengths) for rows, keys, lengths in calls]
 
 
 @contextmanager
