@@ -13,7 +13,7 @@ import time
 import torch
 
 import verispec
-from verispec.cpu_linear import PackedLinear
+from verispec.cpu_linear import Bf16Linear, PackedLinear
 from verispec.engine.target import CachedLM
 from verispec.engine.tree import TokenTree
 
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-pack", action="store_true",
-                    help="keep torch's float32 linears (load_model packs them for oneDNN on the CPU by default)")
+                    help="keep torch's own linears (load_model swaps float32 ones for oneDNN and, without bf16 instructions, bf16 ones for verispec's kernel)")
     ap.add_argument("--tokens", type=lambda s: [int(n) for n in s.split(",")], default=[2, 4, 8, 12, 16, 24, 32, 48, 64],
                     help="comma-separated pass sizes to time (default 2,4,8,12,16,24,32,48,64)")
     ap.add_argument("--exact", action="store_true",
@@ -58,8 +58,9 @@ def main() -> None:
     time_pass(lm, context, TokenTree.chain(context[-1]), 3)  # warm-up
     one = time_pass(lm, context, TokenTree.chain(context[-1]), args.repeats)
     packed = sum(isinstance(m, PackedLinear) for m in loaded.model.modules())
+    bf16 = sum(isinstance(m, Bf16Linear) for m in loaded.model.modules())
     print(f"{args.model} {args.dtype}, context {args.context}, torch threads {torch.get_num_threads()}, "
-          f"{packed} linears packed for oneDNN{', exact mode' if args.exact else ''}")
+          f"{packed} linears packed for oneDNN, {bf16} on verispec's bf16 kernel{', exact mode' if args.exact else ''}")
     print(f"one-token pass: {one * 1000:.1f} ms\n\n| new tokens | chain | tree (4D mask) |\n|---:|---:|---:|")
     for n in args.tokens:
         chain = time_pass(lm, context, TokenTree.chain(context[-1], [5 + i for i in range(n - 1)]), args.repeats)

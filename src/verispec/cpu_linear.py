@@ -1,6 +1,7 @@
-"""Float32 linear layers on the CPU through oneDNN, on a weight packed once into its layout.
+"""Fast linear layers on the CPU: float32 through oneDNN on a weight packed once into its layout
+(PackedLinear), bfloat16 through verispec's own kernel where oneDNN has no bf16 path (Bf16Linear).
 
-Why: torch's float32 `F.linear` on the CPU goes through MKL, and on this project's AVX2-only
+Float32. Why: torch's float32 `F.linear` on the CPU goes through MKL, and on this project's AVX2-only
 EPYC MKL's product over a few rows costs several times its one-row product (a [8960, 1536]
 layer of Qwen2.5-1.5B, 2 threads: 5.7 ms at 1 row, 11.9 at 2, 17 at 4 to 16 rows). A
 verification pass over 4 tokens then costs 2.6 one-token passes, and speculative decoding has
@@ -12,6 +13,13 @@ product bit for bit (checked for m = 1..300), where MKL's is not.
 
 Cost: the packed copy is memory of its own, as much as the layer's float32 weight (the
 original stays: tied embeddings, state_dict, quantized copies and training read it).
+
+Bfloat16. On CPUs without bf16 instructions (AVX2, no avx512_bf16 / AMX / avx_ne_convert) torch's
+bf16 product has no oneDNN path, and its generic kernel costs about a one-row product per row
+(a [8960, 1536] layer, 2 threads: 1.6 ms at 1 row, 6 ms at 4, 22 ms at 16, 420 ms at 300
+rows). `kernels/bf16_linear.cpp` reads the bf16 weight as it is (no copy) and costs 0.9, 1.7,
+4.8 and 75 ms there (`scripts/linear_cost.py`); it is row-invariant by construction. Where
+oneDNN computes bf16 (avx512_bf16 machines) nothing is swapped: it is fast there already.
 
 Scope: inference only. A layer whose weight or input needs a gradient, or that runs in another
 dtype or on another device, computes `F.linear` as before; a weight changed in place (an
@@ -25,6 +33,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .layers import swap_modules
 
 
@@ -39,9 +48,37 @@ def available() -> bool:
         return False
 
 
+def bf16_kernel_pays() -> bool:
+    """Whether bf16 products go through verispec's kernel here: no oneDNN bf16 path, and the
+    kernel builds (an AVX2 CPU and a C++ compiler)."""
+    return not _onednn_bf16() and kernels.bf16_linear() is not None
+
+
+@lru_cache(maxsize=None)
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pays(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether load_model packs a model's linear layers by default: float32 on the CPU."""
-    return dtype == torch.float32 and torch.device(device).type == "cpu" and available()
+    """Whether load_model swaps a model's linear layers by default: float32 on the CPU (oneDNN),
+    bfloat16 on a CPU where oneDNN has no bf16 path (verispec's kernel)."""
+    if torch.device(device).type != "cpu":
+        return False
+    if dtype == torch.float32:
+        return available()
+    return dtype == torch.bfloat16 and bf16_kernel_pays()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through verispec's bf16 kernel where it pays (for layers that are not
+    nn.Linear modules, e.g. a quantized draft's kept full weight)."""
+    if (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and bf16_kernel_pays()):
+        return kernels.bf16_linear()(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class PackedLinear(torch.nn.Linear):
@@ -87,6 +124,25 @@ class PackedLinear(torch.nn.Linear):
         return twin
 
 
+class Bf16Linear(torch.nn.Linear):
+    """An nn.Linear, on the Parameters given (shared, not copied), whose bf16 CPU inference
+    products go through verispec's kernel (kernels/bf16_linear.cpp)."""
+
+    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None):
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            op = kernels.bf16_linear()
+            if op is not None:
+                return op(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
 def _stamp(w: torch.Tensor) -> tuple:
     """Where a weight lives and its in-place change count: a new stamp means pack again. An
     inference-mode tensor has no version counter, and cannot be changed in place outside it."""
@@ -97,11 +153,16 @@ def _stamp(w: torch.Tensor) -> tuple:
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Replace, in place, every float32 CPU nn.Linear of `model` by a PackedLinear sharing its
-    Parameters; returns how many were replaced."""
-    if not available():
-        return 0
-    swaps = {m: PackedLinear(m.weight, m.bias) for m in model.modules()
-             if type(m) is torch.nn.Linear and PackedLinear._packable(m.weight)}
+    """Replace, in place, every CPU nn.Linear of `model` by its fast version sharing its
+    Parameters: float32 ones by a PackedLinear (where oneDNN is there), bf16 ones by a Bf16Linear
+    (where bf16_kernel_pays); returns how many were replaced."""
+    swaps = {}
+    for m in model.modules():
+        if type(m) is not torch.nn.Linear or m.weight.device.type != "cpu":
+            continue
+        if m.weight.dtype == torch.float32 and available():
+            swaps[m] = PackedLinear(m.weight, m.bias)
+        elif m.weight.dtype == torch.bfloat16 and bf16_kernel_pays():
+            swaps[m] = Bf16Linear(m.weight, m.bias)
     swap_modules(model, swaps)
     return len(swaps)

@@ -633,8 +633,9 @@ def load_model(
     pack_linears: bool | None = None,
 ) -> LoadedModel:
     """Load a registry model (fetched on first use) or a local HF directory for inference.
-    pack_linears: run the linear layers through oneDNN on packed weights (cpu_linear; costs a
-    second copy of their weights); None: where that pays, float32 on the CPU."""
+    pack_linears: run the linear layers through cpu_linear's fast CPU products: float32 through
+    oneDNN on packed weights (a second copy of them), bf16 through verispec's kernel on CPUs
+    without bf16 instructions (no copy); None: where that pays (cpu_linear.pays)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)

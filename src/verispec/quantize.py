@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_linear
 from .layers import copy_swapped, swap_modules
 
 MODES = ("int4", "int8")
@@ -61,7 +62,7 @@ class _WeightOnly(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.full is not None and rows.shape[0] >= FULL_ROWS:
-            y = torch.nn.functional.linear(rows, self.full.to(rows.dtype), self.bias)
+            y = cpu_linear.linear(rows, self.full.to(rows.dtype), self.bias)
         else:
             y = self._product(rows).to(x.dtype)
             if self.bias is not None:
