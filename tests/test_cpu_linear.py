@@ -110,10 +110,13 @@ def test_quantized_copy_of_a_packed_model():
     assert out.token_ids == hf_greedy(lm, prompt, 16)
 
 
-def test_load_model_packs_float32_cpu_models_only():
+def test_load_model_swaps_float32_and_kernel_bf16_cpu_models_only():
     assert cpu_linear.pays(torch.float32, torch.device("cpu"))
-    assert not cpu_linear.pays(torch.bfloat16, torch.device("cpu"))
+    # bf16: verispec's kernel exactly where oneDNN has no bf16 path and the kernel builds
+    assert cpu_linear.pays(torch.bfloat16, torch.device("cpu")) == cpu_linear.bf16_kernel_pays()
+    assert not cpu_linear.pays(torch.float16, torch.device("cpu"))
     assert not cpu_linear.pays(torch.float32, torch.device("meta"))
+    assert not cpu_linear.pays(torch.bfloat16, torch.device("meta"))
 
 
 def test_a_layer_made_in_inference_mode_packs():

@@ -183,8 +183,9 @@ GENERATOR = ("verispec.generator",)
 DRAFTING = ("verispec.drafters", "verispec.acceptance")
 ENGINE = ("verispec.engine",)
 # the bottom: model code, settings, transformers compatibility, package data, the version,
-# layer views of a model, the CPU linear kernels
+# layer views of a model, the CPU linear layers and their compiled kernels
 BOTTOM = ("verispec.models", "verispec.config", "verispec.compat", "verispec.assets", "verispec.version", "verispec.cpu_linear",
+          "verispec.kernels",
           "verispec.layers", "verispec.options", "verispec.progress")
 # helpers the drafters use (heads, datastores, calibration files, the chat prompt format):
 # below the drafters, above the engine and the bottom

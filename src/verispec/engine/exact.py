@@ -23,8 +23,9 @@ AMX), a one-row product takes another kernel (a GEMV) than a product over 2 or m
 whose row results are the same for every row count (checked for every layer shape of the
 zoo's models, 2..39 rows). There, in exact mode, a one-row linear gets a zero row added, so
 that decoding and verification compute every row with the same kernel (`row_invariant_linears`).
-On other CPUs (ATen's own bf16 kernels, AVX2) the one-row product already is a row of the
-many-row one, and nothing is added. Exact-mode `ar` is one-token decoding with this attention
+On other CPUs (AVX2: verispec's bf16 kernel, cpu_linear.Bf16Linear, which load_model swaps in
+there, or ATen's own bf16 kernels) the one-row product already is a row of the many-row one, by
+the kernel's construction, and nothing is added. Exact-mode `ar` is one-token decoding with this attention
 (and, on oneDNN machines, two-row linears): a faithful computation of the same model, which
 can differ from model.generate()'s in bf16 as any change of kernel can (measured: README).
 
