@@ -16,9 +16,9 @@ original stays: tied embeddings, state_dict, quantized copies and training read 
 
 Bfloat16. On CPUs without bf16 instructions (AVX2, no avx512_bf16 / AMX / avx_ne_convert) torch's
 bf16 product has no oneDNN path, and its generic kernel costs about a one-row product per row
-(a [8960, 1536] layer, 2 threads: 1.6 ms at 1 row, 6 ms at 4, 22 ms at 16, 420 ms at 300
-rows). `kernels/bf16_linear.cpp` reads the bf16 weight as it is (no copy) and costs 0.9, 1.7,
-4.8 and 75 ms there (`scripts/linear_cost.py`); it is row-invariant by construction. Where
+(a [8960, 1536] layer, 2 threads: 1.65 ms at 1 row, 5.9 ms at 4, 22.8 ms at 16, 424 ms at
+300 rows). `kernels/bf16_linear.cpp` reads the bf16 weight as it is (no copy) and costs 1.0,
+2.0, 4.7 and 72 ms there (`scripts/linear_cost.py`); it is row-invariant by construction. Where
 oneDNN computes bf16 (avx512_bf16 machines) nothing is swapped: it is fast there already.
 
 Scope: inference only. A layer whose weight or input needs a gradient, or that runs in another
