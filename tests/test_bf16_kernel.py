@@ -124,3 +124,21 @@ def test_speculative_output_on_the_kernel_equals_exact_ar(op):
             assert got.token_ids == ar.generate(prompt, max_new_tokens=32).token_ids
             accepted += got.stats.accepted_tokens
     assert accepted > 0  # multi-row passes verified drafts
+
+
+def test_a_failed_build_warns_once_with_the_fix_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as builder
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(builder, "load", no_compiler)
+    kernels.bf16_linear.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="Install a C\\+\\+ compiler"):
+            assert kernels.bf16_linear() is None
+        linear = torch.nn.Linear(16, 8).bfloat16().requires_grad_(False)
+        x = torch.randn(3, 16).bfloat16()
+        assert torch.equal(Bf16Linear(linear.weight, linear.bias)(x), F.linear(x, linear.weight, linear.bias))
+    finally:
+        kernels.bf16_linear.cache_clear()  # the next caller builds (or loads) the real one again
