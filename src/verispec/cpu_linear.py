@@ -72,11 +72,16 @@ def pays(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and bf16_kernel_pays()
 
 
+def _inference(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a product may leave F.linear: both in `dtype` on the CPU, and no gradient needed."""
+    return (w.dtype == dtype and x.dtype == dtype and w.device.type == "cpu" and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through verispec's bf16 kernel where it pays (for layers that are not
-    nn.Linear modules, e.g. a quantized draft's kept full weight)."""
-    if (weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and bf16_kernel_pays()):
+    """F.linear, through verispec's bf16 kernel where it pays (Bf16Linear's product, and that of
+    layers that are not nn.Linear modules, e.g. a quantized draft's kept full weight)."""
+    if _inference(x, weight, torch.bfloat16) and bf16_kernel_pays():
         return kernels.bf16_linear()(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -96,8 +101,7 @@ class PackedLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not (self._packable(w) and x.dtype == w.dtype and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if not _inference(x, w, torch.float32):
             return F.linear(x, w, self.bias)
         if self._packed_for != _stamp(w):
             self._pack()
@@ -134,13 +138,7 @@ class Bf16Linear(torch.nn.Linear):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            op = kernels.bf16_linear()
-            if op is not None:
-                return op(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def _stamp(w: torch.Tensor) -> tuple:
@@ -156,13 +154,8 @@ def pack_linears(model: torch.nn.Module) -> int:
     """Replace, in place, every CPU nn.Linear of `model` by its fast version sharing its
     Parameters: float32 ones by a PackedLinear (where oneDNN is there), bf16 ones by a Bf16Linear
     (where bf16_kernel_pays); returns how many were replaced."""
-    swaps = {}
-    for m in model.modules():
-        if type(m) is not torch.nn.Linear or m.weight.device.type != "cpu":
-            continue
-        if m.weight.dtype == torch.float32 and available():
-            swaps[m] = PackedLinear(m.weight, m.bias)
-        elif m.weight.dtype == torch.bfloat16 and bf16_kernel_pays():
-            swaps[m] = Bf16Linear(m.weight, m.bias)
+    fast = {torch.float32: PackedLinear, torch.bfloat16: Bf16Linear}
+    swaps = {m: fast[m.weight.dtype](m.weight, m.bias) for m in model.modules()
+             if type(m) is torch.nn.Linear and pays(m.weight.dtype, m.weight.device)}
     swap_modules(model, swaps)
     return len(swaps)

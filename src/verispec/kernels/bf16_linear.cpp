@@ -1,8 +1,8 @@
 // verispec's bfloat16 linear layer for x86 CPUs with AVX2 and FMA but no bf16 instructions.
 //
 // Why: there, PyTorch multiplies bf16 matrices with a generic kernel whose cost grows with every
-// row (a [8960, 1536] layer, 2 threads: 1.7 ms at 1 row, 6.7 ms at 4, 23 ms at 16, 420 ms at
-// 300), so a verification pass over a few tokens costs as many one-token passes, and
+// row (a [8960, 1536] layer, 2 threads: 1.65 ms at 1 row, 5.9 ms at 4, 22.8 ms at 16, 424 ms
+// at 300; scripts/linear_cost.py), so a verification pass over a few tokens costs as many one-token passes, and
 // speculative decoding cannot pay. This kernel reads each weight row once per tile of input
 // rows, widens it to float32 in registers and multiplies it into several rows at once.
 //
