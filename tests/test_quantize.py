@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from verispec import SpeculativeGenerator
+from verispec import SpeculativeGenerator, kernels, quantize
 from verispec.draft_init import load_draft
 from verispec.quantize import FULL_ROWS, Int4Linear, Int8Linear, quantize_model, quantized_copy
 from conftest import tiny_llama, tiny_qwen2
@@ -37,18 +37,50 @@ def _int4_reference(weight: torch.Tensor) -> torch.Tensor:
     return (low + torch.round((w - low) / step) * step).reshape(weight.shape)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7])
-def test_int4_kernel_computes_the_product_of_the_quantized_weights(rows):
-    """The CPU kernel (bf16 activations, packed codes) against a float product with the
-    quantized weights computed independently: equal up to bf16 rounding."""
-    layer = _linear(64, 256, torch.bfloat16)
-    q = Int4Linear(layer)
-    assert q.packed is not None and q.codes is None  # the kernel's layout only, on the CPU
-    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+def _backends() -> list:
+    """The CPU int4 products: torch's kernel everywhere, verispec's where it builds (AVX2)."""
+    ours = pytest.param("verispec", marks=pytest.mark.skipif(
+        kernels.int4_linear() is None, reason="verispec's int4 kernel needs an AVX2 CPU and a C++ compiler"))
+    return ["torch", ours]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 96)])
+def test_int4_kernels_compute_the_product_of_the_quantized_weights(backend, rows, shape):
+    """Each CPU kernel against a float product with the quantized weights computed independently:
+    equal up to the activations' rounding (torch's: to bf16; verispec's: to int8 per group of 32).
+    (40, 96): an output count no tile divides, three groups."""
+    n, k = shape
+    if backend == "torch" and n % 16:
+        pytest.skip("torch's packed layout tiles outputs by 16")
+    layer = _linear(n, k, torch.bfloat16)
+    q = Int4Linear(layer, backend=backend)
+    assert q.backend == backend
+    assert (q.codes if backend == "verispec" else q.packed) is not None  # only the kernel's own layout kept
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
     want = x.float() @ _int4_reference(layer.weight).t() + layer.bias.float()
     got = q(x).float()
-    assert torch.allclose(got, want, atol=0.05, rtol=0.02)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=0.05, rtol=0.02)
     assert torch.allclose(q.dequantized().float(), _int4_reference(layer.weight), atol=0.01, rtol=0.01)
+
+
+@pytest.mark.skipif(kernels.int4_linear() is None, reason="verispec's int4 kernel needs an AVX2 CPU and a C++ compiler")
+def test_verispec_int4_kernel_rounds_only_the_activations():
+    """Its one approximation is the int8 rounding of the inputs per group of 32: inputs that are
+    already exact int8 multiples of their group's scale give the float product of the dequantized
+    weights (float32 accumulation), and a 3-D float32 input keeps its shape and dtype."""
+    layer = _linear(48, 64, torch.float32, bias=False, seed=3)
+    q = Int4Linear(layer, backend="verispec")
+    levels = torch.randint(-127, 128, (2, 3, 64)).float()
+    levels[..., 0], levels[..., 32] = 127, -127  # each group's largest magnitude: its scale is exactly 1/127 of it
+    x = levels * 0.25
+    got = q(x)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.float32
+    want = x.double() @ q.dequantized().double().t()
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.int4_linear()(torch.randn(1, 32), q.codes, q.scale, q.zero)
 
 
 @pytest.mark.parametrize("make", [Int4Linear, Int8Linear])
@@ -69,9 +101,9 @@ def test_quantized_weights_stay_near_the_original_ones(make):
 
 
 def test_a_float32_layer_computes_its_int4_products_in_bfloat16():
-    """The kernel takes bf16 activations: a float32 layer's result is the bf16 one, in float32."""
+    """Torch's kernel takes bf16 activations: a float32 layer's result is the bf16 one, in float32."""
     layer = _linear(32, 64, torch.float32, seed=1)
-    q = Int4Linear(layer)
+    q = Int4Linear(layer, backend="torch")
     x = torch.randn(3, 64)
     y = q(x)
     assert y.dtype == torch.float32
@@ -133,9 +165,14 @@ def test_a_quantized_copy_prefills_with_the_originals_weights():
 
 
 def test_layers_the_kernel_cannot_tile_keep_their_weights():
-    model = torch.nn.Sequential(_linear(64, 256, torch.bfloat16), _linear(10, 64, torch.bfloat16))
-    assert quantize_model(model, "int4") == 1  # 10 outputs: not a multiple of 16
-    assert isinstance(model[0], Int4Linear) and isinstance(model[1], torch.nn.Linear)
+    model = torch.nn.Sequential(_linear(64, 256, torch.bfloat16), _linear(16, 64, torch.bfloat16),
+                                _linear(10, 48, torch.bfloat16))
+    # 48 inputs: not whole groups of 32; 10 outputs: not a multiple of 16, which only torch's layout needs
+    tiled = quantize.int4_backend(torch.device("cpu")) != "torch"
+    assert quantize_model(model, "int4") == 2
+    assert isinstance(model[0], Int4Linear) and isinstance(model[2], torch.nn.Linear)
+    assert type(quantize.quantized_linear(_linear(10, 64, torch.bfloat16), "int4")) is (
+        Int4Linear if tiled else torch.nn.Linear)
 
 
 def test_draft_specs_name_quantized_copies():

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import cpu_linear
+from . import cpu_linear, kernels
 from .layers import copy_swapped, swap_modules
 
 MODES = ("int4", "int8")
@@ -70,49 +70,75 @@ class _WeightOnly(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def int4_backend(device: torch.device) -> str:
+    """Which product an int4 layer on `device` computes through: "verispec" (kernels/int4_linear.cpp,
+    on AVX2 CPUs without AVX-512, where torch's int4 kernel is about half as fast: measured), "torch"
+    (`_weight_int4pack_mm_for_cpu`, other CPUs) or "dequantize" (other devices: correct, no faster)."""
+    if device.type != "cpu":
+        return "dequantize"
+    if kernels.cpu_capability() == "AVX2" and kernels.int4_linear() is not None:
+        return "verispec"
+    return "torch"
+
+
 class Int4Linear(_WeightOnly):
     """y = x W^T + b with W stored as 4-bit codes q per (row, group of GROUP inputs):
-    W = q * scale + low, q in 0..15 (asymmetric: the group's minimum and range)."""
+    W = (q - 8) * scale + zero, q in 0..15 (asymmetric: from the group's minimum to its maximum)."""
 
-    def __init__(self, linear: torch.nn.Linear, keep_full: bool = False):
+    def __init__(self, linear: torch.nn.Linear, keep_full: bool = False, backend: str | None = None):
+        """backend: int4_backend's choice for the weight's device unless given (tests compare them)."""
         super().__init__(linear, keep_full)
         weight = linear.weight.detach()
         n, k = weight.shape
         self.dtype = weight.dtype
         grouped = weight.float().reshape(n, k // GROUP, GROUP)
-        low = grouped.amin(-1, keepdim=True)
-        scale = ((grouped.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-8)
-        codes = torch.round((grouped - low) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
-        # the kernel's convention: W = (q - 8) * scale + zero, scales and zeros as [K / GROUP, N, 2]
+        low = grouped.amin(-1)
+        scale = ((grouped.amax(-1) - low) / 15).clamp(min=1e-8)
+        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # [N, G, 32]
         zero = low + 8 * scale
-        on_cpu = weight.device.type == "cpu"
-        self.register_buffer("scales_and_zeros", torch.cat([scale, zero], -1).transpose(0, 1).contiguous()
-                             .to(torch.bfloat16 if on_cpu else weight.dtype), persistent=False)
-        # On the CPU only the kernel's tiled layout is kept (half a byte a weight); elsewhere the
-        # codes, one byte each, dequantized per call.
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) if on_cpu
-                             else None, persistent=False)
-        self.register_buffer("codes", None if on_cpu else codes.to(torch.uint8), persistent=False)
+        self.backend = backend or int4_backend(weight.device)
+        buffers = dict.fromkeys(["codes", "scale", "zero", "packed", "scales_and_zeros"])
+        if self.backend == "verispec":
+            # half a byte a weight: byte j of a group holds input j (low nibble) and 16 + j (high)
+            buffers.update(codes=(q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2).contiguous(),
+                           scale=scale.half().contiguous(), zero=zero.half().contiguous())
+        else:  # torch's convention: scales and zeros as [K / GROUP, N, 2]
+            buffers["scales_and_zeros"] = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(
+                torch.bfloat16 if self.backend == "torch" else weight.dtype)
+            if self.backend == "torch":  # only the kernel's tiled layout is kept (half a byte a weight)
+                buffers["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).to(torch.int32), 1)
+            else:  # one byte a code, dequantized per call
+                buffers["codes"] = q.reshape(n, k)
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def _groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes [N, G, 32] as floats, scale and zero [N, G]."""
+        if self.backend == "verispec":
+            c = self.codes.reshape(self.out_features, -1, GROUP // 2)
+            q = torch.cat([c & 15, c >> 4], -1).float()
+            return q, self.scale.float(), self.zero.float()
+        sz = self.scales_and_zeros.float()  # [K / GROUP, N, 2]
+        return self.codes.float().reshape(self.out_features, -1, GROUP), sz[..., 0].t(), sz[..., 1].t()
 
     def dequantized(self) -> torch.Tensor:
-        """The weight the codes stand for, [N, K] (for checks; on the CPU read back through the
-        kernel itself, as the product with an identity)."""
-        if self.packed is not None:
+        """The weight the codes stand for, [N, K] (for checks; torch's packed layout is read back
+        through its kernel itself, as the product with an identity)."""
+        if self.backend == "torch":
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-            return self._kernel(eye).t().to(self.dtype)
-        sz = self.scales_and_zeros.float()  # [K / GROUP, N, 2]
-        scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [N, K / GROUP]
-        q = self.codes.float().reshape(self.out_features, -1, GROUP)
+            return self._product(eye).t().to(self.dtype)
+        q, scale, zero = self._groups()
         return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1).to(self.dtype)
 
-    def _kernel(self, rows: torch.Tensor) -> torch.Tensor:
-        # the kernel takes bfloat16 activations; a float32 draft computes its products in bf16 (a
-        # draft's precision only moves its acceptance)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.packed, GROUP,
-                                                          self.scales_and_zeros)
-
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._kernel(rows) if self.packed is not None else rows @ self.dequantized().t()
+        if self.backend == "verispec":
+            # activations rounded to int8 per group of 32 inside (a draft's precision only moves its acceptance)
+            return kernels.int4_linear()(rows, self.codes, self.scale, self.zero)
+        if self.backend == "torch":
+            # the kernel takes bfloat16 activations: a float32 draft computes its products in bf16
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16).contiguous(), self.packed, GROUP,
+                                                              self.scales_and_zeros)
+        return rows @ self.dequantized().t()
 
 
 class Int8Linear(_WeightOnly):
@@ -134,8 +160,8 @@ class Int8Linear(_WeightOnly):
 
 def _quantizable(linear: torch.nn.Linear, mode: str) -> bool:
     n, k = linear.weight.shape
-    if mode == "int4":  # the packed layout tiles N by 16 and K by the group
-        return k % GROUP == 0 and n % 16 == 0
+    if mode == "int4":  # groups along K; torch's packed layout also tiles N by 16
+        return k % GROUP == 0 and (n % 16 == 0 or int4_backend(linear.weight.device) != "torch")
     return True
 
 

@@ -133,7 +133,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 }  // namespace
 
-TORCH_LIBRARY(verispec, m) {
+TORCH_LIBRARY_FRAGMENT(verispec, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
