@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -34,15 +35,21 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehl_ps(odd, s)));
 }
 
-// The 32 codes of one group as 32 bytes 0..15: inputs 0-15 in the low lane, 16-31 in the high one.
-inline __m256i widen(const uint8_t* codes) {
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), _mm_and_si128(v, nibble));
-}
+// One row's inputs as the kernel reads them (prepare_rows makes them):
+//  q      int8 inputs, rounded per group of 32 to the group's scale d (its largest magnitude / 127);
+//         a pair of groups g, g+1 stored as [g 0-15 | g+1 0-15 | g 16-31 | g+1 16-31], the order
+//         in which 32 bytes of codes (two groups) come apart into low and high nibbles
+//  dpair  per pair, 8 floats: d_g four times, then d_g+1 four times (the lanes' groups)
+//  d      per group, its scale (for an odd last group, which is read on its own)
+//  sum    per group, the inputs' float sum (the codes' zero term)
+//  corr   per group, 8 d times the int8s' sum (the codes are read as 0..15 and centred on 8 after)
+struct Rows {
+  const int8_t* q;
+  const float *dpair, *d, *sum, *corr;
+  int64_t K, G, P;  // inputs, groups, pairs of groups (per row)
+};
 
-// sum_i a[i] * b[i], a in float16
-inline float dot(const uint16_t* a, const float* b, int64_t n) {
+inline float half_dot(const uint16_t* a, const float* b, int64_t n) {  // sum_i a[i] * b[i], a in float16
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -53,71 +60,86 @@ inline float dot(const uint16_t* a, const float* b, int64_t n) {
   return s;
 }
 
-// RO weight rows times RM input rows. Per group: the codes (unsigned) times the row's int8 inputs
-// by maddubs (pairs summed in int16: at most 2 * 15 * 127, no saturation), pairs of those summed
-// in int32, then one float FMA by scale * the row's group scale. Each group's codes are widened
-// once for all RM rows.
+// RO weight rows times RM input rows. For each pair of groups: 32 bytes of codes split into low
+// and high nibbles (64 unsigned codes), times the int8 inputs by maddubs (pairs in int16, at most
+// 2 * 15 * 127; the two halves added: at most 7620, no saturation), summed to int32 by madd (lanes
+// 0-3 group g, 4-7 group g+1), then one float FMA by weight scale * input scale per lane. Codes
+// widened once for all RM rows. y = sum_g scale (codes . q) d - scale corr + zero sum.
 template <int RO, int RM>
-void tile(const int8_t* xq, const float* xscale, const int32_t* xqsum, const float* xsum, int64_t K, const uint8_t* codes,
-          const uint16_t* scale, const uint16_t* zero, const float* bias, float* out, int64_t O) {
-  const int64_t G = K / kGroup;
-  const __m256i ones = _mm256_set1_epi16(1);
+void tile(const Rows& x, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, const float* bias,
+          float* out, int64_t O) {
+  const int64_t K = x.K, G = x.G, P = x.P;
+  const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
+  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   __m256 acc[RO][RM];
   for (int i = 0; i < RO; ++i)
     for (int j = 0; j < RM; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t p = 0; p < P; ++p) {
     for (int i = 0; i < RO; ++i) {
-      const __m256i q = widen(codes + i * (K / 2) + g * (kGroup / 2));
-      const float s = _cvtsh_ss(scale[i * G + g]);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * (K / 2) + p * kGroup));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      int32_t two;
+      std::memcpy(&two, scale + i * G + 2 * p, sizeof two);
+      const __m256 ws = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_set1_epi32(two)), lanes);
       for (int j = 0; j < RM; ++j) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + j * K + g * kGroup));
-        // minus 8 * the inputs' sum: the codes centred on 8, so the activations' rounding is
-        // weighted by w - zero (about w) rather than by w - low (about twice as large)
-        const __m256i pairs = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones),
-                                               _mm256_set1_epi32(xqsum[j * G + g]));
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(s * xscale[j * G + g]), acc[i][j]);
+        const int8_t* xq = x.q + j * K + p * 2 * kGroup;
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + kGroup));
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a), _mm256_maddubs_epi16(hi, b));
+        const __m256 d = _mm256_mul_ps(ws, _mm256_loadu_ps(x.dpair + (j * P + p) * 8));
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d, acc[i][j]);
       }
     }
   }
   for (int i = 0; i < RO; ++i)
     for (int j = 0; j < RM; ++j) {
-      float y = horizontal_sum(acc[i][j]) + dot(zero + i * G, xsum + j * G, G);
+      float y = horizontal_sum(acc[i][j]);
+      if (G % 2) {  // the odd last group, on its own: 32 codes, natural input order
+        const int64_t g = G - 1;
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i * (K / 2) + g * (kGroup / 2)));
+        const __m128i n4 = _mm_set1_epi8(0x0F);
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), n4), _mm_and_si128(v, n4));
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + j * K + g * kGroup));
+        const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+        y += horizontal_sum(_mm256_cvtepi32_ps(pairs)) * _cvtsh_ss(scale[i * G + g]) * x.d[j * G + g];
+      }
+      y += half_dot(zero + i * G, x.sum + j * G, G) - half_dot(scale + i * G, x.corr + j * G, G);
       out[j * O + i] = bias ? y + bias[i] : y;
     }
 }
 
 constexpr int kCols = 4;  // input rows per tile
 
+inline Rows from(const Rows& x, int64_t m) {  // the rows of x from row m on
+  return Rows{x.q + m * x.K, x.dpair + m * x.P * 8, x.d + m * x.G, x.sum + m * x.G, x.corr + m * x.G, x.K, x.G, x.P};
+}
+
 template <int RO>
-void rows_times_all(const int8_t* x, const float* xscale, const int32_t* xqsum, const float* xsum, int64_t M, int64_t K, const uint8_t* codes,
-                    const uint16_t* scale, const uint16_t* zero, const float* bias, float* out, int64_t O) {
-  const int64_t G = K / kGroup;
+void rows_times_all(const Rows& x, int64_t M, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero,
+                    const float* bias, float* out, int64_t O) {
   int64_t m = 0;
-  for (; m + kCols <= M; m += kCols)
-    tile<RO, kCols>(x + m * K, xscale + m * G, xqsum + m * G, xsum + m * G, K, codes, scale, zero, bias, out + m * O, O);
+  for (; m + kCols <= M; m += kCols) tile<RO, kCols>(from(x, m), codes, scale, zero, bias, out + m * O, O);
   switch (M - m) {
-    case 1: tile<RO, 1>(x + m * K, xscale + m * G, xqsum + m * G, xsum + m * G, K, codes, scale, zero, bias, out + m * O, O); break;
-    case 2: tile<RO, 2>(x + m * K, xscale + m * G, xqsum + m * G, xsum + m * G, K, codes, scale, zero, bias, out + m * O, O); break;
-    case 3: tile<RO, 3>(x + m * K, xscale + m * G, xqsum + m * G, xsum + m * G, K, codes, scale, zero, bias, out + m * O, O); break;
+    case 1: tile<RO, 1>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
+    case 2: tile<RO, 2>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
+    case 3: tile<RO, 3>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
     default: break;
   }
 }
 
 // Every output row in blocks of RO weight rows (the last O mod RO one by one), split between threads by block.
 template <int RO>
-void all_outputs(const int8_t* x, const float* xscale, const int32_t* xqsum, const float* xsum, int64_t M, int64_t K, const uint8_t* codes,
-                 const uint16_t* scale, const uint16_t* zero, const float* bias, float* out, int64_t O) {
-  const int64_t G = K / kGroup, blocks = (O + RO - 1) / RO;
+void all_outputs(const Rows& x, int64_t M, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero,
+                 const float* bias, float* out, int64_t O) {
+  const int64_t K = x.K, G = x.G, blocks = (O + RO - 1) / RO;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t o = blk * RO;
       if (o + RO <= O) {
-        rows_times_all<RO>(x, xscale, xqsum, xsum, M, K, codes + o * (K / 2), scale + o * G, zero + o * G,
-                           bias ? bias + o : nullptr, out + o, O);
+        rows_times_all<RO>(x, M, codes + o * (K / 2), scale + o * G, zero + o * G, bias ? bias + o : nullptr, out + o, O);
       } else {
         for (int64_t r = o; r < O; ++r)
-          rows_times_all<1>(x, xscale, xqsum, xsum, M, K, codes + r * (K / 2), scale + r * G, zero + r * G,
-                            bias ? bias + r : nullptr, out + r, O);
+          rows_times_all<1>(x, M, codes + r * (K / 2), scale + r * G, zero + r * G, bias ? bias + r : nullptr, out + r, O);
       }
     }
   });
@@ -126,27 +148,42 @@ void all_outputs(const int8_t* x, const float* xscale, const int32_t* xqsum, con
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-// Each group of 32 inputs -> 32 int8 (round to nearest), its scale, the int8s' sum and the inputs' sum.
+// Rows' inputs -> the Rows arrays (see Rows), in the workspace `work`; plain loops: a draft step
+// makes ~170 calls, and a few ATen ops each would cost more than the quantizing itself.
 template <typename T>
-void quantize_rows(const T* x, int64_t groups, int8_t* xq, float* xscale, int32_t* xqsum, float* xsum) {
+Rows prepare_rows(const T* x, int64_t M, int64_t K, uint8_t* work) {
+  const int64_t G = K / kGroup, P = G / 2;
+  int8_t* q = reinterpret_cast<int8_t*>(work);
+  float* dpair = reinterpret_cast<float*>(work + M * K);
+  float* d = dpair + M * P * 8;
+  float *sum = d + M * G, *corr = sum + M * G;
   float v[kGroup];
-  for (int64_t g = 0; g < groups; ++g) {
-    float amax = 0.f, sum = 0.f;
-    for (int i = 0; i < kGroup; ++i) {
-      v[i] = to_float(x[g * kGroup + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-      sum += v[i];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const T* in = x + m * K + g * kGroup;
+      float amax = 0.f, total = 0.f;
+      for (int i = 0; i < kGroup; ++i) {
+        v[i] = to_float(in[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+        total += v[i];
+      }
+      const float scale = amax > 0.f ? amax / 127.f : 1.f, inv = amax > 0.f ? 127.f / amax : 1.f;
+      // where input i of group g goes: natural order for an odd last group, else the pair's order
+      int8_t* dst = q + m * K + (g < 2 * P ? (g / 2) * 2 * kGroup + (g % 2) * 16 : g * kGroup);
+      const int64_t second = g < 2 * P ? kGroup : 16;  // offset of inputs 16-31 from inputs 0-15
+      int32_t qsum = 0;
+      for (int i = 0; i < kGroup; ++i) {
+        const int8_t c = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+        dst[i < 16 ? i : second + i - 16] = c;
+        qsum += c;
+      }
+      if (g < 2 * P)
+        for (int l = 0; l < 4; ++l) dpair[(m * P + g / 2) * 8 + (g % 2) * 4 + l] = scale;
+      d[m * G + g] = scale;
+      sum[m * G + g] = total;
+      corr[m * G + g] = 8.f * scale * static_cast<float>(qsum);
     }
-    const float inv = amax > 0.f ? 127.f / amax : 1.f;
-    int32_t qsum = 0;
-    for (int i = 0; i < kGroup; ++i) {
-      xq[g * kGroup + i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-      qsum += xq[g * kGroup + i];
-    }
-    xqsum[g] = qsum;
-    xscale[g] = amax > 0.f ? amax / 127.f : 1.f;
-    xsum[g] = sum;
-  }
+  return Rows{q, dpair, d, sum, corr, K, G, P};
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
@@ -164,16 +201,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
               "verispec::int4_linear: float32 or bfloat16 inputs, not ", x.scalar_type());
   at::Tensor xr = x.reshape({-1, K}).contiguous();
   const int64_t M = xr.size(0);
-  // each row quantized to int8 per group of 32 (scale: the group's largest magnitude / 127), its
-  // groups' sums kept in float32 for the codes' offsets; plain loops and one workspace: a draft
-  // step makes ~170 such calls, and a few ATen ops each would cost more than the quantizing itself
-  at::Tensor work = at::empty({M * K + M * G * 12}, x.options().dtype(at::kByte));
-  int8_t* xq = reinterpret_cast<int8_t*>(work.data_ptr<uint8_t>());
-  float* xscale = reinterpret_cast<float*>(xq + M * K);
-  float* xsum = xscale + M * G;
-  int32_t* xqsum = reinterpret_cast<int32_t*>(xsum + M * G);
-  if (x.scalar_type() == at::kFloat) quantize_rows(xr.data_ptr<float>(), M * G, xq, xscale, xqsum, xsum);
-  else quantize_rows(xr.data_ptr<at::BFloat16>(), M * G, xq, xscale, xqsum, xsum);
+  const int64_t P = G / 2;
+  at::Tensor work = at::empty({M * K + (M * P * 8 + M * G * 3) * 4}, x.options().dtype(at::kByte));
+  const Rows rows = x.scalar_type() == at::kFloat ? prepare_rows(xr.data_ptr<float>(), M, K, work.data_ptr<uint8_t>())
+                    : prepare_rows(xr.data_ptr<at::BFloat16>(), M, K, work.data_ptr<uint8_t>());
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == O, "verispec::int4_linear: bias of ", bias->numel(), " for ", O, " outputs");
@@ -181,12 +212,13 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   }
   at::Tensor out = at::empty({M, O}, x.options().dtype(at::kFloat));
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  auto args = std::make_tuple(static_cast<const int8_t*>(xq), static_cast<const float*>(xscale), static_cast<const int32_t*>(xqsum), static_cast<const float*>(xsum), M, K, c.data_ptr<uint8_t>(),
-                              reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>()), reinterpret_cast<const uint16_t*>(zr.data_ptr<at::Half>()), bp, out.data_ptr<float>(), O);
-  // weight rows per tile, measured (2 threads, AVX2 EPYC): more rows in flight when few input rows share them
-  if (M == 1) std::apply(all_outputs<2>, args);
-  else if (M == 2) std::apply(all_outputs<2>, args);
-  else if (M > 2) std::apply(all_outputs<1>, args);
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  const auto* zp = reinterpret_cast<const uint16_t*>(zr.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  // weight rows per tile, measured (2 threads, AVX2 EPYC): 1, 2 and 4 were level at one input row, 4 slower on the LM head
+  if (M <= 2) all_outputs<2>(rows, M, cp, sp, zp, bp, op, O);
+  else all_outputs<1>(rows, M, cp, sp, zp, bp, op, O);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = O;
   return out.to(x.scalar_type()).reshape(shape);
