@@ -1,6 +1,7 @@
 """A draft's one-token pass: with the model's own attention, with the draft attention
 (verispec.engine.draft_attention, what draft-model uses on the CPU), and with LM heads over the
-vocabulary's first n ids too (draft-model's `draft_vocab`, verispec.vocab_subset); and how many
+vocabulary's first n ids too (draft-model's `draft_vocab`, verispec.vocab_subset); for an int4
+draft on a CPU where verispec's int4 kernel is used, also with torch's int4 kernel; and how many
 tokens of a text those ids cover (a token outside them is one the draft can never propose). Usage:
     .venv/bin/python scripts/draft_step_cost.py [--draft int4:qwen2.5-coder-0.5b-instruct] [--vocab 16384,32768,65536]
         [--dtype bfloat16] [--context 300] [--threads 2] [--text ../shared/data/spec_bench/question.jsonl]
@@ -17,6 +18,7 @@ import torch
 
 from verispec.draft_init import load_draft
 from verispec.engine.target import CachedLM
+from verispec.quantize import Int4Linear, quantized_copy
 from verispec.vocab_subset import subset_ids, vocab_subset_copy
 
 
@@ -63,6 +65,10 @@ def main() -> None:
     sizes = [int(v) for v in args.vocab.split(",")]
     variants = {"own": (draft.model, False), "draft": (draft.model, True)}
     variants.update({n: (vocab_subset_copy(draft, n).model, True) for n in sizes})
+    int4 = {m.backend for m in draft.model.modules() if isinstance(m, Int4Linear)}
+    if int4 == {"verispec"}:  # the same layers' codes through torch's kernel, for comparison
+        base = load_draft(args.draft.split(":", 1)[1], None, dtype=args.dtype)
+        variants["torch int4"] = (quantized_copy(base, "int4", backend="torch").model, True)
     ms = one_token_ms(variants, context, args.repeats)
     own = ms["own"]
     print(f"{draft.name}, {args.dtype}, context {args.context}, {args.threads} threads, medians of {args.repeats} "
@@ -70,6 +76,9 @@ def main() -> None:
     print("| attention | draft head | one-token pass | vs the model's own | tokens covered |\n| --- | --- | :-: | :-: | :-: |")
     print(f"| the model's own | whole vocabulary | {own:.1f} ms | 1.00x | 100% |")
     print(f"| draft | whole vocabulary | {ms['draft']:.1f} ms | {ms['draft'] / own:.2f}x | 100% |")
+    if "torch int4" in ms:
+        print(f"| draft, torch's int4 kernel | whole vocabulary | {ms['torch int4']:.1f} ms | "
+              f"{ms['torch int4'] / own:.2f}x | 100% |")
     for n in sizes:
         ids = set(subset_ids(draft, n).tolist())
         covered = sum(t in ids for t in tokens) / max(1, len(tokens))

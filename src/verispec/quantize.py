@@ -13,8 +13,10 @@ Two uses, one mechanism (`quantized_copy`):
 
 On CPU the products go through torch's weight-only kernels (`_weight_int4pack_mm_for_cpu`,
 `_weight_int8pack_mm`, the ones torchao's int4/int8 weight-only modes use; the int4 one in
-bfloat16 whatever the model's dtype). Elsewhere the layer dequantizes its weight at each call:
-correct, and no faster than the original.
+bfloat16 whatever the model's dtype), except int4 on AVX2 CPUs without AVX-512: there verispec's
+own kernel (kernels/int4_linear.cpp, inputs rounded to int8 per group) is about twice as fast
+(`int4_backend`). Elsewhere the layer dequantizes its weight at each call: correct, and no faster
+than the original.
 
 Measured on the 2-core avx512_bf16 machine (one-token pass, context 300, bf16): Qwen2.5-Coder
 0.5B 70 ms -> int8 38 ms -> int4 26 ms; 1.5B 162 -> 87 -> 47 ms. Several rows cost more in
@@ -158,10 +160,10 @@ class Int8Linear(_WeightOnly):
         return rows @ (self.codes.to(rows.dtype) * self.scale[:, None]).t()
 
 
-def _quantizable(linear: torch.nn.Linear, mode: str) -> bool:
+def _quantizable(linear: torch.nn.Linear, mode: str, backend: str | None = None) -> bool:
     n, k = linear.weight.shape
     if mode == "int4":  # groups along K; torch's packed layout also tiles N by 16
-        return k % GROUP == 0 and (n % 16 == 0 or int4_backend(linear.weight.device) != "torch")
+        return k % GROUP == 0 and (n % 16 == 0 or (backend or int4_backend(linear.weight.device)) != "torch")
     return True
 
 
@@ -170,19 +172,21 @@ def _check(mode: str) -> None:
         raise ValueError(f"quantization {mode!r} is not one of {', '.join(MODES)}")
 
 
-def quantized_linear(linear: torch.nn.Linear, mode: str, keep_full: bool = False) -> torch.nn.Module:
+def quantized_linear(linear: torch.nn.Linear, mode: str, keep_full: bool = False,
+                     backend: str | None = None) -> torch.nn.Module:
     """The weight-only `mode` version of one layer, or the layer itself where the kernel cannot
-    tile its shape (a draft only gets slower there, never wrong)."""
+    tile its shape (a draft only gets slower there, never wrong). backend: int4's (see int4_backend)."""
     _check(mode)
-    if not _quantizable(linear, mode):
+    if not _quantizable(linear, mode, backend):
         return linear
-    return (Int4Linear if mode == "int4" else Int8Linear)(linear, keep_full)
+    return Int4Linear(linear, keep_full, backend) if mode == "int4" else Int8Linear(linear, keep_full)
 
 
-def _quantized_linears(model: torch.nn.Module, mode: str, keep_full: bool) -> dict[torch.nn.Module, torch.nn.Module]:
+def _quantized_linears(model: torch.nn.Module, mode: str, keep_full: bool,
+                       backend: str | None = None) -> dict[torch.nn.Module, torch.nn.Module]:
     """Each nn.Linear of `model` (the LM head included) -> its weight-only `mode` version; the
     layers quantized_linear leaves as they are are left out."""
-    swaps = {m: quantized_linear(m, mode, keep_full) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    swaps = {m: quantized_linear(m, mode, keep_full, backend) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     return {m: q for m, q in swaps.items() if q is not m}
 
 
@@ -195,7 +199,7 @@ def quantize_model(model: torch.nn.Module, mode: str) -> int:
     return len(swaps)
 
 
-def quantized_copy(lm: Any, mode: str, keep_full: bool = True) -> Any:
+def quantized_copy(lm: Any, mode: str, keep_full: bool = True, backend: str | None = None) -> Any:
     """A LoadedModel-like copy of `lm` whose linear layers are `mode` weight-only; `lm` itself is
     unchanged. The copy's module tree is new, but every tensor outside the linear layers (the
     embeddings, the norms, rotary tables) is the original's, shared read-only: the copy costs only
@@ -203,9 +207,10 @@ def quantized_copy(lm: Any, mode: str, keep_full: bool = True) -> Any:
     the LM head shares their weight: the copy's head gets quantized weights of its own.
     keep_full: each layer also holds (shares, no copy) the original weight and uses it for passes
     of FULL_ROWS rows or more, a prompt's prefill, where the quantized kernels are slower; this
-    keeps `lm`'s linear weights alive as long as the copy lives."""
+    keeps `lm`'s linear weights alive as long as the copy lives.
+    backend: int4's product (int4_backend's choice unless given; scripts/draft_step_cost.py compares them)."""
     _check(mode)
-    swaps = _quantized_linears(lm.model, mode, keep_full)
+    swaps = _quantized_linears(lm.model, mode, keep_full, backend)
     if not swaps:
         raise ValueError(f"{lm.name}: no linear layer could be quantized to {mode}")
     model = copy_swapped(lm.model, swaps)

@@ -2,8 +2,8 @@
 
 - `bf16_linear.cpp`: a bfloat16 linear layer for x86 CPUs with AVX2 but no bf16 instructions,
   row-invariant (exact mode's premise): `torch.ops.verispec.bf16_linear(x, weight, bias=None)`.
-- `int4_linear.cpp`: an int4 weight-only linear layer (a quantized draft's products) for x86
-  CPUs without AVX-512, where PyTorch's int4 kernel is slow:
+- `int4_linear.cpp`: an int4 weight-only linear layer (a quantized draft's products, inputs
+  rounded to int8) for x86 CPUs without AVX-512, where PyTorch's int4 kernel is half as fast:
   `torch.ops.verispec.int4_linear(x, codes, scale, low, bias=None)`.
 
 Each file's header says why it exists. `bf16_linear()` / `int4_linear()` build the kernel (about
@@ -31,7 +31,8 @@ def cpu_capability() -> str:
 
 
 def cpu_supports_bf16_kernel() -> bool:
-    """An x86 CPU with AVX2 and FMA (what the kernels are written for), as torch's dispatcher sees it."""
+    """An x86 CPU with AVX2 and FMA (what the kernels are written for; F16C comes with them), as
+    torch's dispatcher sees it."""
     return cpu_capability() in ("AVX2", "AVX512")
 
 
@@ -61,4 +62,4 @@ def bf16_linear():
 @lru_cache(maxsize=None)
 def int4_linear():
     """The compiled int4 operator, or None (no AVX2 CPU, or no C++ compiler: one warning says which)."""
-    return _build("int4_linear", "int4", "int4 drafts use PyTorch's int4 kernel, about 4x slower on this CPU.")
+    return _build("int4_linear", "int4", "int4 drafts use PyTorch's int4 kernel, about half as fast on this CPU.")

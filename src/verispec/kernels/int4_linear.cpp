@@ -1,18 +1,20 @@
 // verispec's int4 weight-only linear layer for x86 CPUs with AVX2 and FMA (a quantized draft's products).
 //
-// Why: on CPUs without AVX-512, PyTorch's int4 kernel (_weight_int4pack_mm_for_cpu) runs at
-// about a quarter of the speed its 4-bit weights could be read at: the int4 Qwen2.5-Coder-0.5B
-// draft's one-token step spent 45 of its 84 ms in it on the 2-core AVX2 EPYC (its weights, a
-// quarter of bf16's bytes, took 53 ms as bf16 through bf16_linear.cpp). This kernel widens
-// the 4-bit codes to float32 in registers and multiplies them into up to 4 input rows at once.
+// Why: on CPUs without AVX-512 PyTorch's int4 kernel (_weight_int4pack_mm_for_cpu) is bound by
+// its arithmetic, not by reading the 4-bit weights: one row through Qwen2.5-Coder-0.5B's layers
+// on the 2-core AVX2 EPYC (scripts/int4_cost.py, 2 threads, ms, torch's / this one's): 4864x896
+// 0.39 / 0.17, 896x4864 0.39 / 0.14, the LM head 151936x896 11.6 / 6.3; 4 rows through 8960x1536
+// 2.5 / 1.3. The int4 draft's one-token step (scripts/draft_step_cost.py, context 300) 59 -> 40 ms. This kernel multiplies the codes into int8-rounded inputs with
+// AVX2's byte products (maddubs), as GGUF's CPU kernels do, instead of widening them to floats.
 //
 // Layout (quantize.Int4Linear makes it): for output row n and group g of 32 inputs, 16 bytes of
-// codes; byte j holds input 32g + j in its low nibble and input 32g + 16 + j in its high one.
-// W[n, 32g + i] = q * scale[n, g] + low[n, g], scale and low float32 [N, K / 32]. So
-//     y[m, n] = sum_g scale[n, g] * (sum_i q_i x[m, 32g + i]) + sum_g low[n, g] * s[m, g],
-// with s[m, g] the sum of row m's inputs over group g, computed once a call. The codes' dot with
-// the inputs is exact integer-times-float work; only the groups' sums are rounded. A draft's
-// numbers only move its acceptance, so no row invariance is promised (unlike bf16_linear.cpp).
+// codes; byte j holds input 32g + j in its low nibble and input 32g + 16 + j in its high one;
+// W[n, 32g + i] = (q - 8) * scale[n, g] + zero[n, g], scale and zero float16 [N, K / 32]. Each
+// input row is rounded to int8 per group of 32 (scale d: the group's largest magnitude / 127), so
+//     y[m, n] = sum_g scale d (sum_i q_i x8_i - 8 sum_i x8_i) + sum_g zero s[m, g],
+// with s the group's float sum: the inputs' rounding is the one approximation (about 0.6% of a
+// product's norm on random data), weighted by w - zero. A draft's numbers only move its
+// acceptance, so no row invariance is promised (unlike bf16_linear.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
