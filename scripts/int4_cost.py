@@ -6,26 +6,18 @@ with each one's error against the float product of the same dequantized weights.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from verispec import kernels
 from verispec.quantize import Int4Linear
 
+sys.path.insert(0, str(Path(__file__).parent))
+from linear_cost import median_ms  # noqa: E402  (one timing loop for the layer scripts)
+
 SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896), (8960, 1536)]
-
-
-def median_ms(f, repeats: int) -> float:
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
