@@ -4,7 +4,7 @@
   row-invariant (exact mode's premise): `torch.ops.verispec.bf16_linear(x, weight, bias=None)`.
 - `int4_linear.cpp`: an int4 weight-only linear layer (a quantized draft's products, inputs
   rounded to int8) for x86 CPUs without AVX-512, where PyTorch's int4 kernel is half as fast:
-  `torch.ops.verispec.int4_linear(x, codes, scale, low, bias=None)`.
+  `torch.ops.verispec.int4_linear(x, codes, scale, zero)`.
 
 Each file's header says why it exists. `bf16_linear()` / `int4_linear()` build the kernel (about
 15 s, once per machine and source: torch keeps the build under ~/.cache/torch_extensions) and

@@ -4,8 +4,9 @@
 // its arithmetic, not by reading the 4-bit weights: one row through Qwen2.5-Coder-0.5B's layers
 // on the 2-core AVX2 EPYC (scripts/int4_cost.py, 2 threads, ms, torch's / this one's): 4864x896
 // 0.39 / 0.17, 896x4864 0.39 / 0.14, the LM head 151936x896 11.6 / 6.3; 4 rows through 8960x1536
-// 2.5 / 1.3. The int4 draft's one-token step (scripts/draft_step_cost.py, context 300) 59 -> 40 ms. This kernel multiplies the codes into int8-rounded inputs with
-// AVX2's byte products (maddubs), as GGUF's CPU kernels do, instead of widening them to floats.
+// 2.5 / 1.3. The int4 draft's one-token step (scripts/draft_step_cost.py, context 300) 59 -> 40 ms.
+// This kernel multiplies the codes into int8-rounded inputs with AVX2's byte products (maddubs),
+// as GGUF's CPU kernels do, instead of widening them to floats.
 //
 // Layout (quantize.Int4Linear makes it): for output row n and group g of 32 inputs, 16 bytes of
 // codes; byte j holds input 32g + j in its low nibble and input 32g + 16 + j in its high one;
@@ -23,7 +24,6 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -68,8 +68,8 @@ inline float half_dot(const uint16_t* a, const float* b, int64_t n) {  // sum_i 
 // 0-3 group g, 4-7 group g+1), then one float FMA by weight scale * input scale per lane. Codes
 // widened once for all RM rows. y = sum_g scale (codes . q) d - scale corr + zero sum.
 template <int RO, int RM>
-void tile(const Rows& x, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, const float* bias,
-          float* out, int64_t O) {
+void tile(const Rows& x, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero, float* out,
+          int64_t O) {
   const int64_t K = x.K, G = x.G, P = x.P;
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(0x0F);
   const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -106,7 +106,7 @@ void tile(const Rows& x, const uint8_t* codes, const uint16_t* scale, const uint
         y += horizontal_sum(_mm256_cvtepi32_ps(pairs)) * _cvtsh_ss(scale[i * G + g]) * x.d[j * G + g];
       }
       y += half_dot(zero + i * G, x.sum + j * G, G) - half_dot(scale + i * G, x.corr + j * G, G);
-      out[j * O + i] = bias ? y + bias[i] : y;
+      out[j * O + i] = y;
     }
 }
 
@@ -118,13 +118,13 @@ inline Rows from(const Rows& x, int64_t m) {  // the rows of x from row m on
 
 template <int RO>
 void rows_times_all(const Rows& x, int64_t M, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero,
-                    const float* bias, float* out, int64_t O) {
+                    float* out, int64_t O) {
   int64_t m = 0;
-  for (; m + kCols <= M; m += kCols) tile<RO, kCols>(from(x, m), codes, scale, zero, bias, out + m * O, O);
+  for (; m + kCols <= M; m += kCols) tile<RO, kCols>(from(x, m), codes, scale, zero, out + m * O, O);
   switch (M - m) {
-    case 1: tile<RO, 1>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
-    case 2: tile<RO, 2>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
-    case 3: tile<RO, 3>(from(x, m), codes, scale, zero, bias, out + m * O, O); break;
+    case 1: tile<RO, 1>(from(x, m), codes, scale, zero, out + m * O, O); break;
+    case 2: tile<RO, 2>(from(x, m), codes, scale, zero, out + m * O, O); break;
+    case 3: tile<RO, 3>(from(x, m), codes, scale, zero, out + m * O, O); break;
     default: break;
   }
 }
@@ -132,16 +132,16 @@ void rows_times_all(const Rows& x, int64_t M, const uint8_t* codes, const uint16
 // Every output row in blocks of RO weight rows (the last O mod RO one by one), split between threads by block.
 template <int RO>
 void all_outputs(const Rows& x, int64_t M, const uint8_t* codes, const uint16_t* scale, const uint16_t* zero,
-                 const float* bias, float* out, int64_t O) {
+                 float* out, int64_t O) {
   const int64_t K = x.K, G = x.G, blocks = (O + RO - 1) / RO;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t o = blk * RO;
       if (o + RO <= O) {
-        rows_times_all<RO>(x, M, codes + o * (K / 2), scale + o * G, zero + o * G, bias ? bias + o : nullptr, out + o, O);
+        rows_times_all<RO>(x, M, codes + o * (K / 2), scale + o * G, zero + o * G, out + o, O);
       } else {
         for (int64_t r = o; r < O; ++r)
-          rows_times_all<1>(x, M, codes + r * (K / 2), scale + r * G, zero + r * G, bias ? bias + r : nullptr, out + r, O);
+          rows_times_all<1>(x, M, codes + r * (K / 2), scale + r * G, zero + r * G, out + r, O);
       }
     }
   });
@@ -188,8 +188,8 @@ Rows prepare_rows(const T* x, int64_t M, int64_t K, uint8_t* work) {
   return Rows{q, dpair, d, sum, corr, K, G, P};
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                       const c10::optional<at::Tensor>& bias) {
+// The bias is left to the caller (quantize._WeightOnly adds it, for every weight-only layer alike).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "verispec::int4_linear: CPU tensors only");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2, "verispec::int4_linear: 2-D uint8 codes");
   const int64_t O = codes.size(0), K = codes.size(1) * 2;
@@ -207,20 +207,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   at::Tensor work = at::empty({M * K + (M * P * 8 + M * G * 3) * 4}, x.options().dtype(at::kByte));
   const Rows rows = x.scalar_type() == at::kFloat ? prepare_rows(xr.data_ptr<float>(), M, K, work.data_ptr<uint8_t>())
                     : prepare_rows(xr.data_ptr<at::BFloat16>(), M, K, work.data_ptr<uint8_t>());
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == O, "verispec::int4_linear: bias of ", bias->numel(), " for ", O, " outputs");
-    b = bias->to(at::kFloat).contiguous();
-  }
   at::Tensor out = at::empty({M, O}, x.options().dtype(at::kFloat));
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const uint8_t* cp = c.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
   const auto* zp = reinterpret_cast<const uint16_t*>(zr.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
   // weight rows per tile, measured (2 threads, AVX2 EPYC): 1, 2 and 4 were level at one input row, 4 slower on the LM head
-  if (M <= 2) all_outputs<2>(rows, M, cp, sp, zp, bp, op, O);
-  else all_outputs<1>(rows, M, cp, sp, zp, bp, op, O);
+  if (M <= 2) all_outputs<2>(rows, M, cp, sp, zp, op, O);
+  else all_outputs<1>(rows, M, cp, sp, zp, op, O);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = O;
   return out.to(x.scalar_type()).reshape(shape);
@@ -229,7 +223,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(verispec, m) {
-  m.def("int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, Tensor? bias=None) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(verispec, CPU, m) {
